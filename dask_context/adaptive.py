@@ -1,0 +1,74 @@
+"""Adaptive scaling that knows what a context costs to load.
+
+Use it with any cluster that has ``adapt``, dask-jobqueue's included::
+
+    cluster = SLURMCluster(cores=1, memory="16GB", processes=1)
+    cluster.adapt(minimum_jobs=0, maximum_jobs=20, Adaptive=ContextAdaptive)
+
+Scale-out asks the scheduler plugin how many workers the queued context work can
+use (:func:`dask_context.policy.workers_wanted`): a new worker pays off only when
+the backlog per worker outlasts the batch system's start-up plus a load. Scale-in
+goes through ``Scheduler.workers_to_close`` as usual; the plugin's
+``valid_workers_downscaling`` keeps warm workers while their context has work (and
+for ``keep-warm`` seconds after), so cold workers are retired first. That part also
+works with the plain ``Adaptive``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from dask.utils import parse_timedelta
+from distributed.deploy import Adaptive
+
+from dask_context import config
+
+logger = logging.getLogger(__name__)
+
+
+class ContextAdaptive(Adaptive):
+    """``distributed.deploy.Adaptive`` with a context-aware target.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As for ``Adaptive`` (``minimum``, ``maximum``, ``interval``, ``wait_count``,
+        ``target_duration``...).
+    startup_time
+        Initial guess of the time from asking for a worker to its joining; replaced
+        by what is measured. Defaults to ``dask-context.adaptive.startup-time``.
+    """
+
+    def __init__(self, *args, startup_time: float | str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.startup_time = parse_timedelta(config.get("adaptive.startup-time", startup_time))
+        self._asked: tuple[float, int] | None = None
+
+    async def target(self) -> int:
+        """Workers wanted, from the scheduler plugin (the default before it exists)."""
+        self._measure_startup()
+        try:
+            return await self.scheduler.dask_context_target(
+                target_duration=self.target_duration, startup=self.startup_time
+            )
+        except Exception as exc:  # plugin not registered yet on this cluster
+            if "dask_context_target" not in str(exc):
+                raise
+            return await super().target()
+
+    async def scale_up(self, n: int) -> None:
+        if self._asked is None and n > len(self.observed):
+            self._asked = (time.monotonic(), len(self.observed))
+        await super().scale_up(n)
+
+    def _measure_startup(self) -> None:
+        """Time from a scale-up request to the first new worker joining."""
+        if self._asked is None:
+            return
+        asked_at, before = self._asked
+        if len(self.observed) > before:
+            seconds = time.monotonic() - asked_at
+            self.startup_time = 0.5 * self.startup_time + 0.5 * seconds
+            self._asked = None
+            logger.info("Worker start-up took %.1f s; now assuming %.1f s", seconds, self.startup_time)

@@ -1,0 +1,205 @@
+"""Routing logic, on in-process clusters (distributed's gen_cluster)."""
+
+import asyncio
+from collections import Counter
+
+import dask
+import dask.bag as db
+import pytest
+from distributed import Worker
+from distributed.utils_test import async_poll_for, gen_cluster
+
+import dask_context as dc
+from dask_context import ContextSpec
+from tests.loaders import blob, broken, where
+
+THREE = [("127.0.0.1", 1)] * 3
+
+
+def spec(name, load_time=None, seconds=0.0, nbytes=1000, **kwargs):
+    """A context whose load takes ``seconds`` (``load_time`` is the spec's hint)."""
+    return ContextSpec(
+        name, blob, args=[name], kwargs={"seconds": seconds, "nbytes": nbytes},
+        load_time=load_time, **kwargs,
+    )
+
+
+async def report(c):
+    return await c.scheduler.dask_context_report()
+
+
+@gen_cluster(client=True, nthreads=THREE)
+async def test_short_backlog_stays_on_one_warm_worker(c, s, *workers):
+    # 40 tasks of 5 ms are not worth a second load of 0.5 s, and work stealing must
+    # not hand them to the two idle workers either
+    await dc.register(c, spec("A", load_time=100, seconds=0.5))
+    with dc.use("A"):
+        futures = c.map(where, range(40), name="A", seconds=0.005)
+    results = await c.gather(futures)
+    assert sorted(x for x, _ in results) == list(range(40))
+    assert len({addr for _, addr in results}) == 1
+    info = (await report(c))["contexts"]["A"]
+    assert info["loads"] == 1 and info["tasks"] == 40 and info["queued"] == 0
+
+
+@gen_cluster(client=True, nthreads=THREE)
+async def test_long_backlog_warms_more_workers(c, s, *workers):
+    await dc.register(c, spec("A", load_time=0.01))
+    with dc.use("A"):
+        futures = c.map(where, range(60), name="A", seconds=0.02)
+    results = await c.gather(futures)
+    used = Counter(addr for _, addr in results)
+    assert len(used) == 3
+    info = (await report(c))["contexts"]["A"]
+    assert info["loads"] == 3 and info["warmups"] == 3
+
+
+@gen_cluster(client=True, nthreads=THREE)
+async def test_warm_workers_are_reused_across_computations(c, s, *workers):
+    await dc.register(c, spec("A", load_time=100, seconds=0.5))
+    for _ in range(3):
+        with dc.use("A"):
+            await c.gather(c.map(where, range(10), name="A", pure=False))
+    assert (await report(c))["contexts"]["A"]["loads"] == 1
+
+
+@gen_cluster(client=True, nthreads=THREE)
+async def test_contexts_share_workers_by_budget(c, s, *workers):
+    # each worker fits one 600-byte context: three contexts, three workers,
+    # one load each, even though all tasks are submitted at once
+    with dask.config.set({"dask-context.worker.memory-budget": 1000}):
+        await dc.register(c, *(spec(n, load_time=100, seconds=0.3, memory=600, nbytes=500) for n in "ABC"))
+    futures = []
+    for n in "ABC":
+        with dc.use(n):
+            futures += c.map(where, range(20), name=n, seconds=0.005, key=[f"{n}-{i}" for i in range(20)])
+    results = await c.gather(futures)
+    per_context = {n: {a for (x, a), f in zip(results, futures) if f.key.startswith(n)} for n in "ABC"}
+    assert all(len(addrs) == 1 for addrs in per_context.values())
+    assert len(set.union(*per_context.values())) == 3
+    r = await report(c)
+    assert [r["contexts"][n]["loads"] for n in "ABC"] == [1, 1, 1]
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
+async def test_more_contexts_than_workers_wait_instead_of_thrashing(c, s, a, b):
+    with dask.config.set({"dask-context.worker.memory-budget": 1000}):
+        await dc.register(c, *(spec(n, load_time=100, seconds=0.3, memory=600, nbytes=500) for n in "ABC"))
+    futures = []
+    for n in "ABC":
+        with dc.use(n):
+            futures += c.map(where, range(20), name=n, seconds=0.005, key=[f"{n}-{i}" for i in range(20)])
+    assert len(await c.gather(futures)) == 60
+    r = await report(c)
+    assert sum(r["contexts"][n]["loads"] for n in "ABC") == 3
+    assert sum(r["contexts"][n]["evictions"] for n in "ABC") == 1
+
+
+@gen_cluster(client=True, nthreads=THREE)
+async def test_losing_the_warm_worker_reroutes_its_tasks(c, s, *workers):
+    await dc.register(c, spec("A", load_time=100, seconds=1.0))
+    with dc.use("A"):
+        futures = c.map(where, range(30), name="A", seconds=0.01)
+    await async_poll_for(lambda: any(f.status == "finished" for f in futures), timeout=10)
+    warm = (await report(c))["contexts"]["A"]["warm"]
+    assert len(warm) == 1
+    victim = next(w for w in workers if w.address == warm[0])
+    await victim.close()
+    results = await c.gather(futures)
+    assert sorted(x for x, _ in results) == list(range(30))
+    r = (await report(c))["contexts"]["A"]
+    assert r["loads"] == 2 and victim.address not in r["warm"]
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_tasks_wait_for_a_worker_and_run_when_one_joins(c, s):
+    await dc.register(c, spec("A"))
+    with dc.use("A"):
+        futures = c.map(where, range(5), name="A")
+    await async_poll_for(lambda: len(s.unrunnable) == 5, timeout=5)
+    async with Worker(s.address, nthreads=1):
+        results = await c.gather(futures)
+    assert sorted(x for x, _ in results) == list(range(5))
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_unknown_context_fails_the_task_with_a_clear_error(c, s, a):
+    await dc.register(c, spec("A"))
+    with dc.use("nope"):
+        future = c.submit(where, 1, name="nope")
+    with pytest.raises(dc.UnknownContextError, match="unknown context 'nope': registered contexts are 'A'"):
+        await future
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_loader_failure_reaches_the_task_and_the_worker_stays_usable(c, s, a):
+    await dc.register(c, ContextSpec("bad", broken, args=["weights are corrupt"]), spec("good"))
+    with dc.use("bad"):
+        bad = c.submit(where, 1, name="bad")
+    with pytest.raises(OSError, match="weights are corrupt") as info:
+        await bad
+    assert any("loading context 'bad' failed" in n for n in info.value.__notes__)
+    with dc.use("good"):
+        assert (await c.submit(where, 2, name="good"))[0] == 2
+    assert (await report(c))["contexts"]["bad"]["failures"] == 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_registering_twice(c, s, a):
+    await dc.register(c, spec("A"))
+    with pytest.raises(dc.DuplicateContextError, match="'A' is already registered"):
+        await dc.register(c, spec("A"))
+    assert list(await dc.register(c, spec("A"), spec("B"), replace=True)) == ["A", "B"]
+    assert len([p for p in s.plugins if p == "dask-context"]) == 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_bag_and_delayed_tasks_are_routed(c, s, a):
+    await dc.register(c, spec("A"))
+
+    @dc.delayed("A")
+    def double(x):
+        return 2 * dc.get_context("A")["data"].__len__() * 0 + 2 * x
+
+    total = dask.delayed(sum)([double(i) for i in range(5)])
+    assert await c.compute(total) == 20
+    bag = db.from_sequence(range(10), npartitions=5).map(lambda x: (dc.get_context("A")["name"], x))
+    with dc.use("A"):
+        assert len(await c.compute(bag)) == 10
+    # 5 delayed tasks + the bag's partitions and its finalize task
+    assert (await report(c))["contexts"]["A"]["tasks"] >= 5 + 5 + 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
+async def test_events_and_eager_loading(c, s, a, b):
+    await dc.register(c, spec("E", eager=True))
+    await async_poll_for(
+        lambda: sum(e["action"] == "loaded" for _, e in s.get_events("dask-context")) == 2, timeout=10
+    )
+    events = [e for _, e in s.get_events("dask-context")]
+    assert {e["worker"] for e in events if e["action"] == "hello"} == {a.address, b.address}
+    r = await report(c)
+    assert list(r["contexts"]["E"]["warm"]) == sorted([a.address, b.address])
+
+
+@gen_cluster(client=True, nthreads=THREE, config={"dask-context.adaptive.keep-warm": "1h"})
+async def test_scale_in_keeps_warm_workers(c, s, *workers):
+    await dc.register(c, spec("A", load_time=100, seconds=0.5))
+    with dc.use("A"):
+        await c.gather(c.map(where, range(5), name="A"))
+    warm = set((await report(c))["contexts"]["A"]["warm"])
+    assert len(warm) == 1
+    closable = set(s.workers_to_close(n=3))
+    assert closable and not closable & warm
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_adaptive_target_counts_load_time(c, s, a):
+    await dc.register(c, spec("A", load_time=10))
+    # block the only worker so that A's tasks stay queued
+    with dc.use("A"):
+        futures = c.map(where, range(100), name="A", seconds=0.2)
+    await async_poll_for(lambda: (len(s.unrunnable) > 90), timeout=5)
+    # 100 tasks x 0.5 s (duration not yet known) = 50 s; a worker needs 10 s + 10 s
+    assert await c.scheduler.dask_context_target(target_duration=1, startup=10) == 3
+    await c.cancel(futures)
