@@ -180,11 +180,14 @@ class LanguageModel:
             logprobs = torch.log_softmax(logits.float(), dim=-1)[:, ids]
         return logprobs.cpu().numpy()
 
-    def __sizeof__(self) -> int:
-        return sizeof(self.model)
-
     def __repr__(self) -> str:
         return f"LanguageModel({type(self.model).__name__}, device={self.device!r})"
+
+
+@sizeof.register(LanguageModel)
+def _sizeof_language_model(lm: LanguageModel) -> int:
+    # what a worker's memory budget is spent on: the weights
+    return sizeof(lm.model)
 
 
 def load_causal_lm(path: str | os.PathLike[str], device: str = "cpu", dtype: str = "float32") -> LanguageModel:

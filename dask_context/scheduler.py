@@ -36,6 +36,7 @@ from tornado.ioloop import PeriodicCallback
 
 from dask_context import _compat, config
 from dask_context.errors import DuplicateContextError
+from dask_context.worker import ROUTER_METADATA, TOPIC
 from dask_context.policy import (
     ContextView,
     Resident,
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TOPIC = "dask-context"
 
 
 def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
@@ -131,6 +131,7 @@ class ContextRouter(SchedulerPlugin):
                 "queued longer than that will fail. Unset it to use dask-context.",
                 scheduler.no_workers_timeout,
             )
+        scheduler.set_metadata(ROUTER_METADATA, True)
         scheduler.handlers.update(
             {
                 "dask_context_register": self.register,
@@ -149,6 +150,7 @@ class ContextRouter(SchedulerPlugin):
     async def close(self) -> None:
         if self.scheduler is None:
             return
+        self.scheduler.set_metadata(ROUTER_METADATA, False)
         pc = self.scheduler.periodic_callbacks.pop("dask-context", None)
         if pc is not None:
             pc.stop()
@@ -157,14 +159,25 @@ class ContextRouter(SchedulerPlugin):
         unregister_collector(self._collector)
 
     # ------------------------------------------------------------ handlers
-    def register(self, specs: list[dict[str, Any]], replace: bool = False) -> list[str]:
+    def register(self, specs: list[dict[str, Any]], replace: bool = False, known_ok: bool = False) -> list[str]:
         """Scheduler handler: learn the contexts workers can load.
+
+        Parameters
+        ----------
+        specs
+            ``ContextSpec.info()`` of each context.
+        replace
+            Replace contexts registered under the same names.
+        known_ok
+            Skip names already registered (worker plugins announcing themselves).
 
         Raises
         ------
         DuplicateContextError
-            If a name is already registered and ``replace`` is false.
+            If a name is already registered and neither flag is set.
         """
+        if known_ok:
+            specs = [info for info in specs if info["name"] not in self.specs]
         for info in specs:
             if info["name"] in self.specs and not replace:
                 raise DuplicateContextError(

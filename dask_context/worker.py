@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 TOPIC = "dask-context"
 EXTENSION = "dask-context"
+# scheduler metadata set by the scheduler plugin while it runs
+ROUTER_METADATA = ["dask-context", "router"]
 
 
 class ContextPlugin(WorkerPlugin):
@@ -32,7 +34,9 @@ class ContextPlugin(WorkerPlugin):
     :func:`dask_context.register`, which also registers the scheduler plugin) runs
     :meth:`setup` on every worker, including workers that join later. Setup only
     records the spec, unless the spec is ``eager``: the load itself happens on first
-    use, in the thread of the task that asks for it.
+    use, in the thread of the task that asks for it. Setup also tells the scheduler
+    plugin (:class:`~dask_context.scheduler.ContextRouter`, register it first) about
+    the context, so routing works without :func:`dask_context.register` too.
 
     Parameters
     ----------
@@ -49,6 +53,11 @@ class ContextPlugin(WorkerPlugin):
     async def setup(self, worker: Worker) -> None:
         cache = await worker_cache(worker)
         cache.add(self.spec)
+        # tell the scheduler plugin (if there is one) about the context before the
+        # registration returns, so that routing works even when the plugins were
+        # registered by hand (client.register_plugin) rather than with register()
+        if await worker.scheduler.get_metadata(keys=ROUTER_METADATA, default=False):
+            await worker.scheduler.dask_context_register(specs=[self.spec.info()], known_ok=True)
         if self.spec.eager:
             cache.load_in_background(self.spec.name)
 

@@ -203,3 +203,28 @@ async def test_adaptive_target_counts_load_time(c, s, a):
     # 100 tasks x 0.5 s (duration not yet known) = 50 s; a worker needs 10 s + 10 s
     assert await c.scheduler.dask_context_target(target_duration=1, startup=10) == 3
     await c.cancel(futures)
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_plugins_registered_by_hand_route_too(c, s, a):
+    # an existing deployment: plain client.register_plugin, no dask_context.register
+    await c.register_plugin(dc.ContextRouter())
+    await c.register_plugin(dc.ContextPlugin(spec("A", seconds=0.1)))
+    with dc.use("A"):
+        assert len(await c.gather(c.map(where, range(6), name="A"))) == 6
+    r = (await report(c))["contexts"]["A"]
+    assert r["tasks"] == 6 and r["loads"] == 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)], clean_kwargs={"threads": False})
+async def test_prometheus_metrics_on_the_scheduler(c, s, a):
+    from tornado.httpclient import AsyncHTTPClient
+
+    await dc.register(c, spec("A", seconds=0.1))
+    with dc.use("A"):
+        await c.gather(c.map(where, range(4), name="A"))
+    response = await AsyncHTTPClient().fetch(f"http://localhost:{s.http_server.port}/metrics")
+    text = response.body.decode()
+    assert 'dask_context_loads_total{context="A"} 1.0' in text
+    assert 'dask_context_tasks_total{context="A"} 4.0' in text
+    assert 'dask_context_warm_workers{context="A"} 1.0' in text
