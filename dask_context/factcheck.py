@@ -52,7 +52,7 @@ def judge(model: Any, claims: list[str]) -> list[dict[str, Any]]:
     words = list(LABELS)
     logprobs = model.next_token_logprobs([PROMPT.format(claim=c) for c in claims], words)
     out = []
-    for claim, row in zip(claims, logprobs):
+    for claim, row in zip(claims, logprobs, strict=True):
         best = int(row.argmax())
         out.append({"claim": claim, "verdict": LABELS[words[best]], "logprob": float(row[best])})
     return out

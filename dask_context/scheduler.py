@@ -36,7 +36,6 @@ from tornado.ioloop import PeriodicCallback
 
 from dask_context import _compat, config
 from dask_context.errors import DuplicateContextError
-from dask_context.worker import ROUTER_METADATA, TOPIC
 from dask_context.policy import (
     ContextView,
     Resident,
@@ -46,6 +45,7 @@ from dask_context.policy import (
     retire_order,
     workers_wanted,
 )
+from dask_context.worker import ROUTER_METADATA, TOPIC
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -374,10 +374,11 @@ class ContextRouter(SchedulerPlugin):
     def _views(self) -> tuple[dict[str, ContextView], dict[str, WorkerView]]:
         running = {ws.address: ws for ws in _compat.running_workers(self.scheduler)}
         contexts = {}
+        inflight = {name for _, name in self.assigned.values()}
         for c in self.specs:
             head = self._head(c)
             counts = self.queued[c]
-            measuring = c in self._inflight_contexts()
+            measuring = c in inflight
             contexts[c] = ContextView(
                 queued=sum(counts.values()),
                 backlog=sum(n * self._duration(p, measuring) for p, n in counts.items()),
@@ -413,8 +414,6 @@ class ContextRouter(SchedulerPlugin):
             return known
         return 0.0 if measuring else _compat.unknown_duration()
 
-    def _inflight_contexts(self) -> set[str]:
-        return {name for _, name in self.assigned.values()}
 
     def _load_time(self, name: str) -> float:
         if name in self.load_time:

@@ -71,10 +71,10 @@ def test_measured_size_beyond_estimate_triggers_eviction():
 def test_too_large_context_is_a_clear_error():
     cache, _ = make_cache(budget=100)
     cache.add(ContextSpec("big", blob, args=["big"], memory=1000))
-    with pytest.raises(ContextTooLargeError, match="context 'big' needs 0.98 kiB but the memory budget"):
+    with pytest.raises(ContextTooLargeError, match=r"context 'big' needs 0\.98 kiB but the memory budget"):
         cache.get("big")
     cache.add(ContextSpec("sneaky", blob, args=["sneaky"], kwargs={"nbytes": 5000}))
-    with pytest.raises(ContextTooLargeError, match="'sneaky' takes .* once loaded"):
+    with pytest.raises(ContextTooLargeError, match=r"'sneaky' takes .* once loaded"):
         cache.get("sneaky")
     assert cache.resident_bytes() == {}
 
@@ -141,7 +141,7 @@ def test_eager_load_in_background_and_clear():
 
 
 def test_replacing_and_removing_specs_frees_memory():
-    cache, events = make_cache()
+    cache, _ = make_cache()
     cache.add(ContextSpec("r", blob, args=["v1"]))
     assert cache.get("r")["name"] == "v1"
     cache.add(ContextSpec("r", blob, args=["v2"]))

@@ -1,6 +1,5 @@
 """Routing logic, on in-process clusters (distributed's gen_cluster)."""
 
-import asyncio
 from collections import Counter
 
 import dask
@@ -68,13 +67,13 @@ async def test_contexts_share_workers_by_budget(c, s, *workers):
     # each worker fits one 600-byte context: three contexts, three workers,
     # one load each, even though all tasks are submitted at once
     with dask.config.set({"dask-context.worker.memory-budget": 1000}):
-        await dc.register(c, *(spec(n, load_time=100, seconds=0.3, memory=600, nbytes=500) for n in "ABC"))
+        await dc.register(c, *(spec(n, load_time=100, seconds=1.0, memory=600, nbytes=500) for n in "ABC"))
     futures = []
     for n in "ABC":
         with dc.use(n):
             futures += c.map(where, range(20), name=n, seconds=0.005, key=[f"{n}-{i}" for i in range(20)])
     results = await c.gather(futures)
-    per_context = {n: {a for (x, a), f in zip(results, futures) if f.key.startswith(n)} for n in "ABC"}
+    per_context = {n: {a for (x, a), f in zip(results, futures, strict=True) if f.key.startswith(n)} for n in "ABC"}
     assert all(len(addrs) == 1 for addrs in per_context.values())
     assert len(set.union(*per_context.values())) == 3
     r = await report(c)
@@ -84,7 +83,7 @@ async def test_contexts_share_workers_by_budget(c, s, *workers):
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
 async def test_more_contexts_than_workers_wait_instead_of_thrashing(c, s, a, b):
     with dask.config.set({"dask-context.worker.memory-budget": 1000}):
-        await dc.register(c, *(spec(n, load_time=100, seconds=0.3, memory=600, nbytes=500) for n in "ABC"))
+        await dc.register(c, *(spec(n, load_time=100, seconds=1.0, memory=600, nbytes=500) for n in "ABC"))
     futures = []
     for n in "ABC":
         with dc.use(n):
