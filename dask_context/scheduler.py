@@ -36,6 +36,7 @@ from tornado.ioloop import PeriodicCallback
 
 from dask_context import _compat, config
 from dask_context.errors import DuplicateContextError
+from dask_context.metrics import register_collector, unregister_collector
 from dask_context.policy import (
     ContextView,
     Resident,
@@ -143,8 +144,6 @@ class ContextRouter(SchedulerPlugin):
         pc = PeriodicCallback(self._periodic, interval)
         scheduler.periodic_callbacks["dask-context"] = pc
         pc.start()
-        from dask_context.metrics import register_collector
-
         self._collector = register_collector(self)
 
     async def close(self) -> None:
@@ -154,8 +153,6 @@ class ContextRouter(SchedulerPlugin):
         pc = self.scheduler.periodic_callbacks.pop("dask-context", None)
         if pc is not None:
             pc.stop()
-        from dask_context.metrics import unregister_collector
-
         unregister_collector(self._collector)
 
     # ------------------------------------------------------------ handlers
@@ -371,14 +368,20 @@ class ContextRouter(SchedulerPlugin):
             heapq.heappop(queue)
         return None
 
-    def _views(self) -> tuple[dict[str, ContextView], dict[str, WorkerView]]:
+    def _views(self, routing: bool = True) -> tuple[dict[str, ContextView], dict[str, WorkerView]]:
+        """Plain-data views for the policies.
+
+        ``routing`` discounts unmeasured task durations while a measurement is due
+        (see :meth:`_duration`); scaling must not, or adapt would cancel the jobs it
+        has just asked for whenever a first load outlasts its ``wait_count``.
+        """
         running = {ws.address: ws for ws in _compat.running_workers(self.scheduler)}
         contexts = {}
         inflight = {name for _, name in self.assigned.values()}
         for c in self.specs:
             head = self._head(c)
             counts = self.queued[c]
-            measuring = c in inflight
+            measuring = routing and c in inflight
             contexts[c] = ContextView(
                 queued=sum(counts.values()),
                 backlog=sum(n * self._duration(p, measuring) for p, n in counts.items()),
@@ -503,10 +506,14 @@ class ContextRouter(SchedulerPlugin):
         if target_duration is None:
             target_duration = dask.config.get("distributed.adaptive.target-duration")
         target_duration = parse_timedelta(target_duration)
-        contexts, _ = self._views()
+        contexts, _ = self._views(routing=False)
         startup = self.startup_time if startup is None else startup
         wanted = workers_wanted(contexts, startup, target_duration)
         ours = sum(v.queued for v in contexts.values()) + sum(self.inflight.values())
         if _compat.non_context_ready(s, ours) > 0:
             wanted = max(wanted, s.adaptive_target(target_duration))
+        if wanted < len(s.workers):
+            # like the scheduler's own target: keep workers holding results that
+            # clients still want (and, through our downscaling filter, warm ones)
+            wanted = max(wanted, len(s.workers) - len(s.workers_to_close()))
         return wanted

@@ -31,6 +31,16 @@ async def test_scales_out_on_context_work_and_back_to_zero():
             await async_poll_for(lambda: len(cluster.scheduler.workers) == 3, timeout=30)
             results = await client.gather(futures)
             assert sorted(x for x, _ in results) == list(range(200))
+            # results the client still holds keep a worker past keep-warm (twenty
+            # adapt rounds): the others retire gracefully, handing their results over,
+            # and nothing is recomputed
+            await asyncio.sleep(2.0)
+            assert len(cluster.scheduler.workers) >= 1
+            assert all(f.status == "finished" for f in futures)
+            r = await client.scheduler.dask_context_report()
+            assert r["contexts"]["A"]["tasks"] == 200
+            # ...and once released, the cluster scales to zero
+            del futures
             await async_poll_for(lambda: not cluster.scheduler.workers, timeout=30)
 
 

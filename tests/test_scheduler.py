@@ -193,15 +193,28 @@ async def test_scale_in_keeps_warm_workers(c, s, *workers):
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
-async def test_adaptive_target_counts_load_time(c, s, a):
-    await dc.register(c, spec("A", load_time=10))
-    # block the only worker so that A's tasks stay queued
+async def test_adaptive_target_counts_load_time_and_holds_during_the_first_load(c, s, a):
+    await dc.register(c, spec("A", load_time=1, seconds=2))
+
+    def target():
+        return c.scheduler.dask_context_target(target_duration=1, startup=1)
+
     with dc.use("A"):
-        futures = c.map(where, range(100), name="A", seconds=0.2)
-    await async_poll_for(lambda: (len(s.unrunnable) > 90), timeout=5)
-    # 100 tasks x 0.5 s (duration not yet known) = 50 s; a worker needs 10 s + 10 s
-    assert await c.scheduler.dask_context_target(target_duration=1, startup=10) == 3
-    await c.cancel(futures)
+        futures = c.map(where, range(30), name="A", seconds=0.01)
+    await async_poll_for(lambda: s.plugins["dask-context"].assigned, timeout=5)
+    before = await target()
+    # 28+ queued tasks x 0.5 s (no duration known) over (1 s start-up + 1 s load)
+    assert before >= 7
+    # the first task is loading: routing waits for its measurement, scaling must not
+    # drop its target meanwhile (adapt would cancel the workers it just asked for)
+    await async_poll_for(
+        lambda: any(e["action"] == "loading" for _, e in s.get_events("dask-context")), timeout=5
+    )
+    assert await target() >= 7
+    await c.gather(futures)
+    del futures
+    await async_poll_for(lambda: not s.tasks, timeout=5)
+    assert await target() == 1  # no work, nothing held: only what keep-warm protects
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
