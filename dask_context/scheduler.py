@@ -268,7 +268,8 @@ class ContextRouter(SchedulerPlugin):
             if name is not None:
                 heapq.heappush(self.queues[name], (ts.priority, key))
                 self.queued[name][ts.prefix.name] += 1
-                self._wake()
+                # a context nobody serves yet needs a plan now, not at the next tick
+                self._wake(replan=not self.allowed[name])
         elif finish == "processing":
             ts, name = self._context_of(key)
             if name is not None and ts.processing_on is not None:
@@ -381,7 +382,9 @@ class ContextRouter(SchedulerPlugin):
         for c in self.specs:
             head = self._head(c)
             counts = self.queued[c]
-            measuring = routing and c in inflight
+            # a measured load against a guessed duration would warm workers on no
+            # evidence; guesses on both sides (before the first load) are comparable
+            measuring = routing and c in inflight and c in self.load_time
             contexts[c] = ContextView(
                 queued=sum(counts.values()),
                 backlog=sum(n * self._duration(p, measuring) for p, n in counts.items()),
@@ -409,8 +412,8 @@ class ContextRouter(SchedulerPlugin):
         """Estimated seconds of a task of ``prefix``.
 
         An unknown duration counts as distributed's ``unknown-task-duration``, except
-        while a task of the same context runs: its measurement is due soon, and
-        guessing meanwhile would warm workers on no evidence.
+        (``measuring``) when the context's load time is already measured and one of
+        its tasks is running: its duration is due soon.
         """
         known = self.durations.get(prefix)
         if known is not None:
@@ -450,7 +453,15 @@ class ContextRouter(SchedulerPlugin):
         placed: set[Hashable] = set()
         for ws in _compat.running_workers(self.scheduler):
             names = serving.get(ws.address)
-            free = ws.nthreads + self.prefetch - self.inflight[ws.address]
+            if not names:
+                continue
+            # prefetch only while there is work for every worker serving these
+            # contexts: at the tail, a prefetched task would wait behind a running
+            # one while another warm worker idles
+            queued = sum(sum(self.queued[c].values()) for c in names)
+            peers = len(set().union(*(self.allowed[c] for c in names)))
+            extra = self.prefetch if queued > peers else 0
+            free = ws.nthreads + extra - self.inflight[ws.address]
             while names and free > 0:
                 heads = [(ts.priority, c) for c in names if (ts := self._head(c))]
                 if not heads:

@@ -1,0 +1,94 @@
+"""Simulated preemption: SIGKILL worker processes while a computation runs.
+
+The LocalCluster's nannies restart killed workers (new process, new address, cold),
+as a batch system backfills a preempted node. The schedule is the same for every
+arm: a first kill once a quarter of the results are in (so that every arm, however
+fast, loses a warm worker mid-run), then one kill every ``interval`` seconds (so that
+an arm that runs longer is preempted more often, as on opportunistic resources).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+
+class Preemptor:
+    """Kill a random worker process now and then, in a background thread.
+
+    Parameters
+    ----------
+    client
+        Client of the cluster.
+    progress
+        Returns the fraction of the computation's results received (0 to 1); it
+        times the first kill, and kills stop at 1.
+    interval
+        Seconds between kills after the first.
+    first_fraction
+        Fraction of ``futures`` done before the first kill.
+    seed
+        Seed of the choice of victims.
+
+    Examples
+    --------
+    .. code-block:: python
+
+        with Preemptor(client, lambda: done / total, interval=20) as p:
+            ...  # collect the results
+        p.kills  # [{"time": ..., "worker": ..., "pid": ...}, ...]
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        progress: Callable[[], float],
+        interval: float,
+        first_fraction: float = 0.25,
+        seed: int = 0,
+    ):
+        self.client = client
+        self.progress = progress
+        self.interval = interval
+        self.first_fraction = first_fraction
+        self.kills: list[dict[str, Any]] = []
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="preemptor", daemon=True)
+
+    def __enter__(self) -> Preemptor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set() and self.progress() < self.first_fraction:
+            self._stop.wait(0.05)
+        while not self._stop.is_set() and self.progress() < 1.0:
+            try:
+                self._kill_one()
+            except Exception:  # a kill racing a restart must not end the benchmark
+                logger.exception("Preemption failed")
+            self._stop.wait(self.interval)
+
+    def _kill_one(self) -> None:
+        pids: dict[str, int] = self.client.run(os.getpid, on_error="ignore")
+        if not pids:
+            return
+        worker = self._rng.choice(sorted(pids))
+        os.kill(pids[worker], signal.SIGKILL)
+        self.kills.append({"time": time.time(), "worker": worker, "pid": pids[worker]})
+        logger.info("Preempted %s (pid %d)", worker, pids[worker])

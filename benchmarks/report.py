@@ -1,0 +1,303 @@
+"""Turn measurements into rows, and rows into ``results.json``, ``results.md`` and
+``results.png``.
+
+Every row is one arm of one run. ``reduction`` compares the arm with the
+load-per-task arm of the same run (the papers' "-72.1%"), ``x_limit`` with the
+physical limit ``T*`` of :func:`benchmarks.plan.limit`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.calibrate import Calibration
+from benchmarks.plan import HPDC, PAPER2, Run, ideal_load_per_task, limit, realized_ratio
+
+logger = logging.getLogger(__name__)
+
+BASELINE = "load-per-task"
+OURS = "dask-context"
+TARGETS = {PAPER2: 72.1, HPDC: 94.5}
+"""Reduction vs load-per-task the papers report in each regime (percent)."""
+LIMIT_SLACK = 1.10
+"""dask-context should finish within 10% of the limit."""
+
+PROFILE_PARTS = ("extra_loads", "slow_tasks", "startup", "gaps", "tail", "other")
+
+
+def row(run: Run, arm: str, measured: dict[str, Any], cal: Calibration, workers: int) -> dict[str, Any]:
+    """One table row from an arm's measurements (``reduction`` is filled in later)."""
+    t_star = limit(run, cal, workers)
+    ideal = ideal_load_per_task(run, cal, workers)
+    wall = measured.get("wall")
+    return {
+        "scenario": run.scenario.name,
+        "title": run.scenario.title,
+        "regime": run.regime,
+        "ratio": realized_ratio(run, cal),
+        "batch": run.batch,
+        "items": run.items,
+        "models": run.scenario.models,
+        "tasks": run.tasks,
+        "arm": arm,
+        "status": measured.get("error", "ok"),
+        "wall": wall,
+        "scheduler_cpu": measured.get("scheduler_cpu"),
+        "loads": measured.get("loads"),
+        "loads_per_model": measured.get("loads_per_model"),
+        "load_seconds": measured.get("load_seconds"),
+        "kills": len(measured.get("kills", [])),
+        "limit": t_star,
+        "x_limit": wall / t_star if wall else None,
+        "ideal_load_per_task": ideal,
+        "best_reduction": 100 * (1 - t_star / ideal),
+        "reduction": None,
+        "profile": measured.get("profile"),
+        "extra": measured.get("extra", {}),
+        "timeline": measured.get("timeline"),
+    }
+
+
+def fill_reductions(rows: Sequence[dict[str, Any]]) -> None:
+    """Set ``reduction`` of each row against the load-per-task row of its run."""
+    base = {
+        (r["scenario"], r["batch"]): r["wall"]
+        for r in rows
+        if r["arm"] == BASELINE and r["wall"]
+    }
+    for r in rows:
+        b = base.get((r["scenario"], r["batch"]))
+        if b and r["wall"]:
+            r["reduction"] = 100 * (1 - r["wall"] / b)
+
+
+def _fmt(value: Any, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _change(reduction: float | None) -> str:
+    """A reduction in percent as the papers write it: 72.1 -> "-72.1%"."""
+    return "-" if reduction is None else f"{0.0 - reduction:+.1f}%"
+
+
+def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: Calibration) -> str:
+    """The Markdown report: setup, results table, targets, dask-context's time breakdown."""
+    t_list = ", ".join(f"B={b}: {t * 1e3:.1f} ms" for b, t in sorted(cal.item_seconds.items()))
+    lines = [
+        "# dask-context benchmark results",
+        "",
+        f"Command: `{meta['command'].strip()}` — {meta['duration']:.0f} s in all, finished "
+        f"{meta['date']}. Load average (1 min) {meta['loadavg_before'][0]:.1f} at the start, "
+        f"{meta['loadavg_after'][0]:.1f} at the end.",
+        "",
+        f"Machine: {meta['machine']}. {meta['workers']} Dask worker processes with 1 thread "
+        "each, torch intra-op threads 1 per worker.",
+        "",
+        f"Model: `make_model(..., preset={meta['preset']!r})`, {meta['checkpoint_mb']:.0f} MB "
+        f"on disk, {cal.nbytes / 1e6:.0f} MB loaded ({meta['dtype']}). Loads read the "
+        f"checkpoint cold at {meta['storage_mbps']:g} MB/s (0 = disk speed), then "
+        "`load_causal_lm`.",
+        "",
+        f"Measured in this run: **L = {cal.load_seconds:.2f} s** per load "
+        f"(samples {', '.join(f'{s:.2f}' for s in cal.load_samples)}); "
+        f"**t** per claim: {t_list}.",
+        "",
+        "`L/(B·t)`: the cost regime (load / per-task inference). `vs load-per-task`: "
+        "wall-time reduction against the arm that loads in every task. `x limit`: wall "
+        "time / T*, T* = (max(models, workers)·L + models·N·t) / workers (one load per "
+        "worker, then pure inference spread evenly). `best`: the reduction T* itself "
+        "would show. Where `x limit` is well above `x in-run` in the breakdown below, the "
+        "machine was slower during that arm than during calibration (other processes on "
+        "the 2 cores), not the scheduling.",
+        "",
+        "| scenario | B | N | L/(B·t) | arm | wall (s) | loads | vs load-per-task | best | x limit | kills |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        wall = _fmt(r["wall"], ".1f") if r["status"] == "ok" else f"failed: {r['status']}"
+        lines.append(
+            f"| {r['scenario']} | {r['batch']} | {r['items']}"
+            f"{'x' + str(r['models']) if r['models'] > 1 else ''} | {r['ratio']:.2f} | "
+            f"{r['arm']} | {wall} | {_fmt(r['loads'], 'd')} | "
+            f"{_change(r['reduction'])} | {_change(r['best_reduction'])} | "
+            f"{_fmt(r['x_limit'], '.2f')} | {r['kills']} |"
+        )
+    lines += ["", "## Targets", "", *targets(rows)]
+    lines += ["", "## Where the time went (Dask arms)", "", *breakdown_table(rows)]
+    if meta.get("notes"):
+        lines += ["", "## Notes", "", *(f"- {n}" for n in meta["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def in_run_limit(r: dict[str, Any]) -> float | None:
+    """T* with the inference speed the arm actually got, from its task timeline.
+
+    ``compute - extra_loads`` (per worker) is the minimum loads plus the inference
+    as fast as it ran in this arm: what T* would be had the machine been as busy
+    during calibration. Comparing with it separates orchestration overhead
+    (startup, gaps, tail, extra loads) from contention by other processes.
+    """
+    p = r.get("profile")
+    if not p:
+        return None
+    return p["compute"] - p["extra_loads"]
+
+
+def corrected_wall(r: dict[str, Any]) -> float | None:
+    """Wall time less the slowdown of task compute against calibration (``slow_tasks``)."""
+    p = r.get("profile")
+    return None if not p or r["wall"] is None else r["wall"] - p["slow_tasks"]
+
+
+def targets(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per dask-context row: reduction vs the papers, distance to the limit."""
+    base = {(r["scenario"], r["batch"]): r for r in rows if r["arm"] == BASELINE and r["wall"]}
+    out = []
+    for r in rows:
+        if r["arm"] != OURS or r["status"] != "ok":
+            continue
+        parts = [f"- **{r['scenario']} B={r['batch']}** (L/(B·t) = {r['ratio']:.2f}):"]
+        target = TARGETS.get(r["regime"])
+        if target is not None and r["reduction"] is not None:
+            verdict = "met" if r["reduction"] >= target else "missed"
+            parts.append(
+                f"reduction {r['reduction']:.1f}% vs the papers' {target}%: {verdict} "
+                f"(this run's shape allows at most {r['best_reduction']:.1f}%);"
+            )
+        elif r["reduction"] is not None:
+            parts.append(f"reduction {r['reduction']:.1f}%;")
+        verdict = "met" if r["x_limit"] <= LIMIT_SLACK else "missed"
+        parts.append(f"{r['x_limit']:.2f}x T*, within 10%: {verdict}.")
+        own, b = corrected_wall(r), base.get((r["scenario"], r["batch"]))
+        limit_now = in_run_limit(r)
+        if own is not None and limit_now:
+            parts.append(f"Against the in-run limit (inference as fast as it ran): {r['wall'] / limit_now:.2f}x.")
+        theirs = corrected_wall(b) if b is not None else None
+        if own is not None and theirs:
+            parts.append(
+                "With each arm's task slowdown removed (wall - slow tasks): reduction "
+                f"{100 * (1 - own / theirs):.1f}%, {own / r['limit']:.2f}x T*."
+            )
+        out.append(" ".join(parts))
+    return out or ["- no dask-context row"]
+
+
+def breakdown_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Seconds of wall time above the limit, per cause (see :mod:`benchmarks.timeline`)."""
+    lines = [
+        "Seconds of wall time above T*, from the scheduler's task stream and the load "
+        "log (worker-seconds / workers; see `benchmarks/timeline.py`). `slow tasks` is "
+        "task compute beyond loads and calibrated inference: mostly contention from "
+        "other processes when it is large for every arm of a run. `in-run T*`: T* with "
+        "the inference speed the arm actually got; `x in-run` = wall / in-run T* is the "
+        "orchestration overhead alone. `scheduler CPU`: CPU seconds of the driver "
+        "process (LocalCluster's scheduler and the client) during the arm, taken from "
+        "the 2 cores the workers use.",
+        "",
+        "| run | arm | wall | T* | extra loads | slow tasks | startup | gaps | tail | other "
+        "| in-run T* | x in-run | scheduler CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        p = r.get("profile")
+        if not p or r["status"] != "ok":
+            continue
+        cells = " | ".join(f"{p[k]:+.2f}" for k in PROFILE_PARTS)
+        now = in_run_limit(r)
+        lines.append(
+            f"| {r['scenario']} B={r['batch']} | {r['arm']} | {r['wall']:.1f} | {r['limit']:.1f} | {cells} | "
+            f"{_fmt(now, '.1f')} | {_fmt(r['wall'] / now if now else None, '.2f')} | "
+            f"{_fmt(r.get('scheduler_cpu'), '.2f')} |"
+        )
+    return lines
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Wall time / T* per arm over the batch-size sweep; wall time per arm elsewhere.
+
+    The sweep's runs have different sizes, so they are compared through the limit:
+    an arm at 1 is as fast as physically possible, whatever the batch size.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    ok = [r for r in rows if r["status"] == "ok" and r["wall"]]
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    colors = {a: f"C{i}" for i, a in enumerate(arms)}
+    others = list(dict.fromkeys(r["scenario"] for r in ok if r["scenario"] != "single"))
+    fig, axes = plt.subplots(1, 1 + len(others), figsize=(5 + 4 * len(others), 4.4), squeeze=False)
+    ax = axes[0][0]
+    sweep = [r for r in ok if r["scenario"] == "single"]
+    for arm in arms:
+        pts = sorted((r["batch"], r["x_limit"]) for r in sweep if r["arm"] == arm)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[arm], label=arm)
+    ax.axhline(1.0, color="k", ls="--", label="limit T*")
+    ax.axhline(LIMIT_SLACK, color="k", ls=":", label="T* + 10%")
+    batches = sorted({r["batch"] for r in sweep})
+    ax.set(xscale="log", yscale="log", xlabel="claims per task B (L/(B·t) below)",
+           ylabel="wall time / T*")
+    ax.set_xticks(batches)
+    ax.set_xticklabels([
+        f"{b}\n{next(r['ratio'] for r in sweep if r['batch'] == b):.2g}" for b in batches
+    ])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_title("one model: batch-size sweep", fontsize=10)
+    ax.legend(fontsize=8)
+    for ax, scenario in zip(axes[0][1:], others, strict=True):
+        sub = [r for r in ok if r["scenario"] == scenario]
+        labels = [r["arm"] for r in sub]
+        bars = ax.bar(labels, [r["wall"] for r in sub], color=[colors[a] for a in labels])
+        for bar, r in zip(bars, sub, strict=True):
+            ax.annotate(f"{r['loads']} loads\n{r['x_limit']:.2f}x T*",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.axhline(sub[0]["limit"], color="k", ls="--", label="limit T*")
+        ax.legend(fontsize=8, loc="upper right")
+        ax.set_ylim(0, 1.2 * max(r["wall"] for r in sub))
+        ax.set_ylabel("wall time (s)")
+        ax.set_title(f"{scenario}: {sub[0]['title']} (B={sub[0]['batch']})", fontsize=10)
+        ax.tick_params(axis="x", labelrotation=15, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibration_from_dict(data: dict[str, Any]) -> Calibration:
+    """Inverse of ``Calibration.to_dict`` after a JSON round trip (keys become strings)."""
+    return Calibration(
+        load_seconds=data["load_seconds"],
+        load_samples=data["load_samples"],
+        item_seconds={int(b): t for b, t in data["item_seconds"].items()},
+        nbytes=data["nbytes"],
+        batches={float(r): b for r, b in data.get("batches", {}).items()},
+    )
+
+
+def render(results: Path, out: Path) -> None:
+    """Re-write ``results.md`` and ``results.png`` from a ``results.json``, measuring nothing."""
+    data = json.loads(results.read_text())
+    rows = data["rows"]
+    fill_reductions(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    cal = calibration_from_dict(data["calibration"])
+    (out / "results.md").write_text(markdown(rows, data["meta"], cal))
+    plot(rows, out / "results.png")
+
+
+def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], cal: Calibration) -> None:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "calibration": cal.to_dict(), "rows": rows}, indent=1, default=str)
+    )
+    (out / "results.md").write_text(markdown(rows, meta, cal))
+    plot(rows, out / "results.png")
+    logger.info("Wrote %s", out)

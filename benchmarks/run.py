@@ -1,0 +1,329 @@
+"""Benchmark dask-context against load-per-task and its peers, in the papers' regimes.
+
+One command measures everything on this machine and writes ``results.json``,
+``results.md`` and ``results.png``:
+
+    python benchmarks/run.py                 # full run (about 20 minutes here)
+    python benchmarks/run.py --quick         # tiny model, few tasks, no Ray (< 60 s)
+
+See ``benchmarks/README.md`` for the scenarios, the regimes and how to read the table.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# ``python benchmarks/run.py`` puts benchmarks/ first on the path, where its modules
+# would shadow top-level ones; put the repository there instead. Worker processes
+# inherit this path and import the task functions from it.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+from distributed import Client  # noqa: E402
+
+from benchmarks import ray_peer  # noqa: E402
+from benchmarks.arms import ARMS, ArmSetup, DaskContext, GlobalCache, LoadPerTask, Model  # noqa: E402
+from benchmarks.calibrate import Calibration, batch_for, calibrate  # noqa: E402
+from benchmarks.loading import checkpoint_bytes, read_load_log  # noqa: E402
+from benchmarks.plan import (  # noqa: E402
+    LIMITS,
+    QUICK_LIMITS,
+    SCENARIOS,
+    Limits,
+    Run,
+    budget_bytes,
+    closest_batch,
+    guess_batch,
+    limit,
+    neighbours,
+    plan,
+    regimes,
+)
+from benchmarks.report import fill_reductions, render, row, write  # noqa: E402
+from benchmarks.runner import batches_of, bench_cluster, profile_arm, run_arm  # noqa: E402
+from dask_context.factcheck import make_claims  # noqa: E402
+from dask_context.models import make_model  # noqa: E402
+
+logger = logging.getLogger("benchmarks")
+
+PEERS = ("global-cache", "ray")
+CALIBRATION_GRID = (1, 4, 16, 64)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, few tasks, every scenario, no Ray unless asked (< 60 s)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="where results.{json,md,png} go (default: benchmarks/results)")
+    p.add_argument("--peers", default=None,
+                   help=f"comma-separated peers among {', '.join(PEERS)}, or 'none' "
+                        "(default: all for a full run, global-cache for --quick)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated, among {', '.join(SCENARIOS)} (default: all)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
+    p.add_argument("--preset", default=None, help="make_model preset (default: bench; tiny with --quick)")
+    p.add_argument("--dtype", default="bfloat16", help="dtype the weights are loaded in")
+    p.add_argument("--storage-mbps", type=float, default=None,
+                   help="bandwidth of the cold checkpoint read, MB/s; 0 = local disk speed "
+                        "(default: 300; 0 with --quick)")
+    p.add_argument("--preempt-every", type=float, default=None,
+                   help="seconds between worker kills after the first (default: 20; 2 with --quick)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every run's number of claims (for development)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the claims and the kills")
+    p.add_argument("--cache", type=Path, default=ROOT / ".dask-context-cache" / "benchmarks",
+                   help="where the generated checkpoints are kept")
+    p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="only re-write results.md and results.png (into --out) from a results.json")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.render:
+        return args
+    args.preset = args.preset or ("tiny" if args.quick else "bench")
+    if args.storage_mbps is None:
+        args.storage_mbps = 0.0 if args.quick else 300.0
+    if args.preempt_every is None:
+        args.preempt_every = 2.0 if args.quick else 20.0
+    if args.peers is None:
+        args.peers = "global-cache" if args.quick else ",".join(PEERS)
+    args.peers = [] if args.peers == "none" else [x.strip() for x in args.peers.split(",") if x.strip()]
+    args.scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    for peer in args.peers:
+        if peer not in PEERS:
+            p.error(f"unknown peer {peer!r}; choose among {', '.join(PEERS)}")
+    for name in args.scenarios:
+        if name not in SCENARIOS:
+            p.error(f"unknown scenario {name!r}; choose among {', '.join(SCENARIOS)}")
+    if "ray" in args.peers and not ray_peer.available():
+        p.error("the ray peer needs ray[data]: pip install 'ray[data]', or pass --peers global-cache")
+    return args
+
+
+class Bench:
+    """One benchmark run: the models, the calibration, and the rows measured so far."""
+
+    def __init__(self, args: argparse.Namespace, logs: Path):
+        self.args = args
+        self.logs = logs
+        self.limits: Limits = QUICK_LIMITS if args.quick else LIMITS
+        n_models = max(SCENARIOS[s].models for s in args.scenarios)
+        self.models = [
+            Model(f"m{i}", str(make_model(args.cache / f"{args.preset}-seed{i}", preset=args.preset, seed=i)))
+            for i in range(n_models)
+        ]
+        self.load: dict[str, Any] = {"dtype": args.dtype, "storage_mbps": args.storage_mbps}
+        self.cal: Calibration | None = None
+        self.rows: list[dict[str, Any]] = []
+        self._arm_count = 0
+
+    def calibrate(self, client: Client) -> Calibration:
+        """Measure L and t, and choose the batch size of each regime.
+
+        t is measured on a grid of batch sizes first, then exactly at the batch size
+        each regime gets from it (and its neighbours, for small sizes, where one item
+        more or less changes the regime most), then at the size that exact t points
+        to. Each regime keeps the exactly measured size whose realised ratio is
+        closest to it: timings on a busy machine are noisy, and a single noisy
+        measurement must not move a regime far from its target.
+        """
+        quick = self.args.quick
+        cal = self._measure(client, CALIBRATION_GRID, loads=1 if quick else 2,
+                            min_seconds=0.1 if quick else 0.5)
+        wanted = regimes(self.args.scenarios)
+        candidates = {r: neighbours(guess_batch(r, cal, self.limits), self.limits) for r in wanted}
+        exact: set[int] = set()
+        for _ in range(2):
+            todo = sorted(set().union(*candidates.values()) - exact)
+            if not todo:
+                break
+            cal = cal.merge(self._measure(client, todo))
+            exact |= set(todo)
+            for r, bs in candidates.items():
+                bs |= {batch_for(r, cal.load_seconds, cal.item_seconds[b], self.limits.max_batch) for b in bs}
+        fixed = {
+            r: closest_batch(r, cal.load_seconds, {b: cal.item_seconds[b] for b in bs if b in exact})
+            for r, bs in candidates.items()
+        }
+        cal.batches = fixed
+        self.cal = cal
+        logger.info(
+            "L = %.2f s; batch sizes: %s", cal.load_seconds,
+            ", ".join(f"L/(B t) = {r:g}: B = {b} (t = {cal.item_seconds[b] * 1e3:.1f} ms, "
+                      f"realized {cal.load_seconds / (b * cal.item_seconds[b]):.2f})"
+                      for r, b in fixed.items()),
+        )
+        return cal
+
+    def _measure(self, client: Client, batches: Sequence[int], loads: int = 1,
+                 min_seconds: float | None = None) -> Calibration:
+        if min_seconds is None:
+            min_seconds = 0.2 if self.args.quick else 1.5
+        claims = make_claims(max(batches), seed=self.args.seed + 1)
+        return calibrate(client, self.models[0].path, self.load, claims, batches,
+                         loads=loads, min_seconds=min_seconds)
+
+    def runs(self, scenario: str) -> list[Run]:
+        assert self.cal is not None
+        runs = plan([scenario], self.cal, self.args.workers, self.limits)
+        if self.args.scale != 1.0:
+            runs = [
+                Run(r.scenario, r.regime, r.batch, max(r.batch, r.batch * round(r.items * self.args.scale / r.batch)))
+                for r in runs
+            ]
+        return runs
+
+    def next_setup(self) -> ArmSetup:
+        assert self.cal is not None
+        self._arm_count += 1
+        tag = f"run{self._arm_count}"
+        return ArmSetup(tag=tag, load={**self.load, "log": str(self.logs / f"{tag}.jsonl")},
+                        load_seconds=self.cal.load_seconds, nbytes=self.cal.nbytes)
+
+    def dask_arms(self) -> list[str]:
+        return [LoadPerTask.name, DaskContext.name] + [p for p in self.args.peers if p == GlobalCache.name]
+
+    def measure_run(self, client: Client, run: Run) -> None:
+        """Every arm of one run, one after the other."""
+        assert self.cal is not None
+        cal, workers = self.cal, self.args.workers
+        claims = make_claims(run.items, seed=self.args.seed)
+        batches = batches_of(claims, run.batch)
+        models = self.models[: run.scenario.models]
+        logger.info("== %s: %d claims x %d models, B=%d, L/(B t) = %.2f",
+                    run.label, run.items, len(models), run.batch, cal.load_seconds / (run.batch * cal.t(run.batch)))
+        min_loads = max(len(models), workers)
+        inference = len(models) * run.items * cal.t(run.batch)
+        for name in self.dask_arms():
+            setup = self.next_setup()
+            measured = run_arm(
+                client, ARMS[name](), models, batches, setup, workers=workers,
+                preempt_every=self.args.preempt_every if run.scenario.preempt else None,
+                seed=self.args.seed,
+            )
+            measured["profile"] = profile_arm(measured, workers=workers, min_loads=min_loads,
+                                              load_seconds=cal.load_seconds, inference_seconds=inference)
+            self.rows.append(row(run, name, measured, cal, workers))
+        if "ray" in self.args.peers and "ray" in run.scenario.peers:
+            self.rows.append(row(run, "ray-data", self.measure_ray(run), cal, workers))
+
+    def measure_ray(self, run: Run) -> dict[str, Any]:
+        assert self.cal is not None
+        setup = self.next_setup()
+        spec = {
+            "workers": self.args.workers, "items": run.items, "seed": self.args.seed,
+            "batch": run.batch, "path": self.models[0].path, "load": setup.load,
+            "threads": self.args.threads,
+        }
+        # Ray Data can hang (see ray_peer); a run this far above the limit is not coming back
+        timeout = max(300.0, 5 * limit(run, self.cal, self.args.workers) + 120)
+        logger.info("Ray Data peer: %d claims, B=%d", run.items, run.batch)
+        measured = ray_peer.run_ray(spec, timeout)
+        loads = read_load_log(setup.load["log"])
+        measured.update(loads=loads["loads"], load_seconds=loads["seconds"], loads_per_model=loads["per_model"])
+        if "start" in measured and loads["first_start"] is not None:
+            # actor processes start and import torch/transformers before loading
+            measured["extra"] = {"first_load_after": loads["first_start"] - measured["start"],
+                                 "ray_init_seconds": measured["init_seconds"]}
+        if "error" in measured:
+            logger.warning("Ray Data peer failed: %s", measured["error"])
+        return measured
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.render:
+        render(args.render, args.out)
+        return {}
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:
+        # killed workers make distributed log errors it recovers from; the results
+        # are checked batch by batch instead
+        for noisy in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="dask-context-bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        # scenarios with the same cluster settings share one cluster; the first
+        # cluster also measures L and t
+        groups: dict[float | None, list[str]] = {}
+        for name in args.scenarios:
+            groups.setdefault(SCENARIOS[name].budget_models, []).append(name)
+        for budget_models, names in sorted(groups.items(), key=lambda kv: kv[0] is not None):
+            budget = None if bench.cal is None else budget_bytes(SCENARIOS[names[0]], bench.cal)
+            if budget is None and budget_models is not None:
+                # the budget is known once a model was measured: calibrate first
+                with bench_cluster(args.workers, args.threads) as client:
+                    cal = bench.calibrate(client)
+                budget = budget_bytes(SCENARIOS[names[0]], cal)
+            with bench_cluster(args.workers, args.threads, budget=budget, allowed_failures=1000) as client:
+                if bench.cal is None:
+                    bench.calibrate(client)
+                for name in names:
+                    for run in bench.runs(name):
+                        bench.measure_run(client, run)
+    fill_reductions(bench.rows)
+    assert bench.cal is not None
+    meta = {
+        "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "duration": time.perf_counter() - started,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "workers": args.workers,
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "storage_mbps": args.storage_mbps,
+        "checkpoint_mb": checkpoint_bytes(bench.models[0].path) / 1e6,
+        "quick": args.quick,
+        "peers": args.peers,
+        "preempt_every": args.preempt_every,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "notes": notes(args, load_before),
+    }
+    write(args.out, bench.rows, meta, bench.cal)
+    logger.info("Done in %.0f s: %s", meta["duration"], args.out / "results.md")
+    return {"meta": meta, "rows": bench.rows}
+
+
+def notes(args: argparse.Namespace, load_before: tuple[float, float, float]) -> list[str]:
+    """Caveats that belong next to the numbers."""
+    out = []
+    if load_before[0] > 0.5:
+        out.append(
+            f"The machine was busy when the run started (load average {load_before[0]:.1f} "
+            f"on {os.cpu_count()} cores): timings include contention."
+        )
+    if args.quick:
+        out.append("Quick mode: tiny model and few claims; it checks the plumbing, not the regimes.")
+    if "ray" in args.peers:
+        out.append(
+            "Ray Data runs only in the one-model scenario without preemption; its wall time "
+            "includes starting the actor pool (processes, imports, loads), which Ray redoes "
+            "for every Dataset execution, but not ray.init."
+        )
+    return out
+
+
+if __name__ == "__main__":
+    main()

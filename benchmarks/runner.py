@@ -1,0 +1,222 @@
+"""Run one Dask arm of one run on a LocalCluster, and measure it.
+
+One cluster serves all the arms of a scenario (its workers keep their imports; the
+arms clean up after themselves and use their own task keys and context names). A
+scenario with a memory budget gets its own cluster because dask-context reads the
+budget when a worker starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import dask
+from distributed import Client, Future, LocalCluster, as_completed
+
+from benchmarks.arms import ArmSetup, DaskArm, Model, pipeline
+from benchmarks.loading import read_load_log
+from benchmarks.preempt import Preemptor
+from benchmarks.tasks import Warmup, wait_warm
+from benchmarks.timeline import breakdown
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def bench_cluster(
+    workers: int, threads: int = 1, budget: int | None = None, allowed_failures: int | None = None
+) -> Iterator[Client]:
+    """A LocalCluster of ``workers`` single-threaded worker processes, warmed up.
+
+    Parameters
+    ----------
+    workers
+        Worker processes (each with one thread, torch using ``threads`` threads).
+    budget
+        dask-context's per-worker memory budget in bytes (None: its default).
+    allowed_failures
+        Times a task may be on a worker that dies before Dask gives up on it
+        (preemption kills workers on purpose: raise it).
+    """
+    settings: dict[str, Any] = {}
+    if budget is not None:
+        settings["dask-context.worker.memory-budget"] = budget
+    if allowed_failures is not None:
+        settings["distributed.scheduler.allowed-failures"] = allowed_failures
+    # the nannies copy the config when they start, restarts included
+    with dask.config.set(settings):
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, silence_logs=logging.ERROR,
+        )
+    with cluster, Client(cluster) as client:
+        client.register_plugin(Warmup(threads))
+        client.get_task_stream()  # installs the task-stream recorder on the scheduler
+        wait_ready(client, workers)
+        yield client
+
+
+def wait_ready(client: Client, workers: int, timeout: float = 300.0) -> None:
+    """Block until ``workers`` workers run and finished their warm-up."""
+    client.wait_for_workers(workers, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = client.run(wait_warm, on_error="ignore")
+        if len(ready) >= workers and all(ready.values()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers not ready after {timeout} s: {ready}")
+        time.sleep(0.2)
+
+
+def batches_of(claims: Sequence[str], batch: int) -> list[list[str]]:
+    """Consecutive batches of ``batch`` claims."""
+    return [list(claims[i : i + batch]) for i in range(0, len(claims), batch)]
+
+
+def check(results: Sequence[Sequence[dict[str, Any]]], batches: Sequence[list[str]]) -> None:
+    """Raise unless every batch came back once, whole and in order."""
+    if len(results) != len(batches):
+        raise AssertionError(f"{len(results)} results for {len(batches)} batches")
+    for j, (rows, batch) in enumerate(zip(results, batches, strict=True)):
+        if [r["claim"] for r in rows] != batch:
+            raise AssertionError(f"batch {j} came back wrong")
+
+
+def run_arm(
+    client: Client,
+    arm: DaskArm,
+    models: Sequence[Model],
+    batches: Sequence[list[str]],
+    setup: ArmSetup,
+    *,
+    workers: int,
+    preempt_every: float | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run ``arm`` on the pipeline of ``models`` over ``batches``; return measurements.
+
+    Returns
+    -------
+    ``wall`` (seconds from submission to the last result), ``scheduler_cpu``
+    (CPU seconds of this process, which runs the scheduler and the client), ``loads`` and
+    ``load_seconds`` (from the load log), ``kills``, ``workers_start`` and
+    ``workers_end`` (addresses), ``stream`` (task-stream records), ``timeline``
+    (see :func:`timeline`), ``verdicts``
+    (counts) and whatever the arm's teardown reports (``extra``).
+    """
+    log = setup.load.get("log")
+    if log:
+        Path(log).unlink(missing_ok=True)
+    arm.setup(client, models, setup)
+    graph = pipeline(arm, batches, models, setup)
+    initial = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    t0 = time.time()
+    # the scheduler runs in this process (LocalCluster): its CPU time, with the
+    # client's, is what scheduling takes from the workers on a small machine
+    cpu0 = time.process_time()
+    results, kills = collect(client, client.compute(graph), preempt_every, seed)
+    cpu = time.process_time() - cpu0
+    t1 = time.time()
+    final = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    check(results, batches)
+    stream = client.get_task_stream(start=t0)
+    extra = arm.teardown(client, models, setup)
+    loads = read_load_log(log) if log else {}
+    verdicts: dict[str, int] = {}
+    for rows in results:
+        for r in rows:
+            verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
+    logger.info(
+        "%s %s: %.1f s, %s loads, %d kills",
+        setup.tag, arm.name, t1 - t0, loads.get("loads"), len(kills),
+    )
+    if preempt_every:
+        wait_ready(client, workers)  # replacements must be up before the next arm
+    return {
+        "wall": t1 - t0,
+        "scheduler_cpu": cpu,
+        "start": t0,
+        "stop": t1,
+        "loads": loads.get("loads"),
+        "loads_completed": loads.get("completed"),
+        "load_seconds": loads.get("seconds"),
+        "load_seconds_total": loads.get("total_seconds"),
+        "loads_per_model": loads.get("per_model"),
+        "kills": kills,
+        "workers_start": initial,
+        "workers_end": final,
+        "stream": stream,
+        "timeline": timeline(stream, t0),
+        "verdicts": verdicts,
+        "extra": extra,
+    }
+
+
+def timeline(stream: Sequence[dict[str, Any]], t0: float) -> list[tuple[str, str, float, float]]:
+    """Compact task timeline: (key, worker, compute start, compute stop), seconds after ``t0``."""
+    out = [
+        (str(rec["key"]), rec["worker"], round(ss["start"] - t0, 4), round(ss["stop"] - t0, 4))
+        for rec in stream
+        for ss in rec.get("startstops", ())
+        if ss.get("action") == "compute"
+    ]
+    return sorted(out, key=lambda x: x[2])
+
+
+class _Progress:
+    """Results received so far, out of ``total``."""
+
+    def __init__(self, total: int):
+        self.total = max(1, total)
+        self.done = 0
+
+    def __call__(self) -> float:
+        return self.done / self.total
+
+
+def collect(
+    client: Client, futures: list[Future], preempt_every: float | None, seed: int
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Fetch results as they finish, releasing each from the cluster, under preemption if asked.
+
+    Results fetched this way survive the loss of the worker that computed them, as
+    results sent back to a workflow manager do; results left on workers until the
+    end would be recomputed after every kill (in load-per-task, with a load each).
+
+    Returns
+    -------
+    The results in the order of ``futures``, and the kills made.
+    """
+    index = {f.key: j for j, f in enumerate(futures)}
+    results: list[Any] = [None] * len(futures)
+    progress = _Progress(len(futures))
+    pending = as_completed(futures, with_results=True)
+    futures.clear()  # from here on, only ``pending`` holds them
+    preemptor = Preemptor(client, progress, preempt_every, seed=seed) if preempt_every else None
+    with preemptor or contextlib.nullcontext():
+        for future, result in pending:
+            results[index[future.key]] = result
+            progress.done += 1
+            future.release()
+    return results, (preemptor.kills if preemptor else [])
+
+
+def profile_arm(measured: dict[str, Any], *, workers: int, min_loads: int, load_seconds: float, inference_seconds: float) -> dict[str, float]:
+    """The time breakdown of a measured arm (see :mod:`benchmarks.timeline`)."""
+    return breakdown(
+        measured["stream"],
+        start=measured["start"],
+        stop=measured["stop"],
+        workers=workers,
+        initial=measured["workers_start"],
+        final=measured["workers_end"],
+        load_seconds=measured["load_seconds_total"] or 0.0,
+        min_load_seconds=min_loads * load_seconds,
+        inference_seconds=inference_seconds,
+    )
