@@ -13,6 +13,18 @@ from dask_context.models import make_model
 def pytest_collection_modifyitems(config, items):
     if not items:
         raise pytest.UsageError("no tests collected: the suite must never pass empty")
+    slurm_tests = [item for item in items if item.get_closest_marker("slurm")]
+    if not slurm_tests or slurm_available():
+        return
+    if os.environ.get("DASK_CONTEXT_REQUIRE_SLURM") == "1":
+        raise pytest.UsageError(
+            "SLURM is required here (DASK_CONTEXT_REQUIRE_SLURM=1) but sinfo finds no node"
+        )
+    no_slurm = pytest.mark.skipif(
+        True, reason="no local SLURM: run .ci/start-slurm.sh (as root) to run these tests"
+    )
+    for item in slurm_tests:
+        item.add_marker(no_slurm)
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +36,5 @@ def model_dir(tmp_path_factory) -> Path:
 def slurm_available() -> bool:
     if not shutil.which("sinfo"):
         return False
-    r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False)
     return r.returncode == 0 and any(s in r.stdout for s in ("idle", "mixed", "alloc"))
-
-
-def pytest_runtest_setup(item):
-    if item.get_closest_marker("slurm") and not slurm_available():
-        if os.environ.get("DASK_CONTEXT_REQUIRE_SLURM") == "1":
-            pytest.fail("SLURM is required here (DASK_CONTEXT_REQUIRE_SLURM=1) but sinfo finds no node")
-        pytest.skip("no local SLURM: run .ci/start-slurm.sh (as root) to run these tests")

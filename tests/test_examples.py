@@ -20,7 +20,8 @@ def test_main_job_on_the_embedded_default(tmp_path):
     out = run(["-m", "dask_context", "--claims", "120", "--batch", "6", "--json"], cwd=tmp_path)
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["claims"] == 120 and sum(summary["verdicts"].values()) == 120
-    assert 1 <= summary["loads"] <= summary["workers"] == 2
+    assert summary["workers"] == 2
+    assert summary["loads"] in (1, 2)  # one per worker that served, never per task
     assert (tmp_path / ".dask-context-cache" / "model-tiny" / "config.json").exists()
 
 
