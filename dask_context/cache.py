@@ -360,22 +360,6 @@ class ContextCache:
         with self._lock:
             return {n: e.nbytes for n, e in self._entries.items()}
 
-    def info(self) -> dict[str, Any]:
-        """A plain-data summary of this cache."""
-        with self._lock:
-            return {
-                "budget": self.budget,
-                "device": self.device,
-                "contexts": self.names(),
-                "loading": sorted(self._loading),
-                "loaded": {
-                    n: {"nbytes": e.nbytes, "device": e.device,
-                        "load_seconds": e.load_seconds}
-                    for n, e in self._entries.items()
-                },
-                "loads": dict(self.loads),
-            }
-
 
 def _accepts_device(loader: Callable[..., Any]) -> bool:
     try:
