@@ -76,13 +76,6 @@ def results_nbytes(ws: WorkerState) -> int:
     return ws.nbytes
 
 
-def unknown_duration() -> float:
-    import dask.config
-    from dask.utils import parse_timedelta
-
-    return parse_timedelta(dask.config.get("distributed.scheduler.unknown-task-duration"))
-
-
 def compute_seconds(startstops: Any) -> float | None:
     """Compute time of a finished task from the ``startstops`` of its transition."""
     for ss in startstops or ():

@@ -30,6 +30,7 @@ from collections import Counter, defaultdict
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
+import dask.config
 from dask.utils import parse_timedelta
 from distributed import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
@@ -125,6 +126,9 @@ class ContextRouter(SchedulerPlugin):
         self.default_load_time = parse_timedelta(config.get("scheduler.default-load-time"))
         self.keep_warm = parse_timedelta(config.get("adaptive.keep-warm"))
         self.startup_time = parse_timedelta(config.get("adaptive.startup-time"))
+        self.unknown_duration = parse_timedelta(
+            dask.config.get("distributed.scheduler.unknown-task-duration")
+        )
 
         if scheduler.no_workers_timeout:
             logger.warning(
@@ -418,7 +422,7 @@ class ContextRouter(SchedulerPlugin):
         known = self.durations.get(prefix)
         if known is not None:
             return known
-        return 0.0 if measuring else _compat.unknown_duration()
+        return 0.0 if measuring else self.unknown_duration
 
 
     def _load_time(self, name: str) -> float:
@@ -445,8 +449,10 @@ class ContextRouter(SchedulerPlugin):
     def _feed(self) -> None:
         """Hand queued context tasks to allowed workers with free slots."""
         serving: dict[str, list[str]] = defaultdict(list)
+        waiting: dict[str, int] = {}
         for name, workers in self.allowed.items():
             if self._head(name) is not None:
+                waiting[name] = sum(self.queued[name].values())
                 for w in workers:
                     serving[w].append(name)
         placements: list[tuple[TaskState, str]] = []
@@ -458,7 +464,7 @@ class ContextRouter(SchedulerPlugin):
             # prefetch only while there is work for every worker serving these
             # contexts: at the tail, a prefetched task would wait behind a running
             # one while another warm worker idles
-            queued = sum(sum(self.queued[c].values()) for c in names)
+            queued = sum(waiting[c] for c in names)
             peers = len(set().union(*(self.allowed[c] for c in names)))
             extra = self.prefetch if queued > peers else 0
             free = ws.nthreads + extra - self.inflight[ws.address]
@@ -511,8 +517,6 @@ class ContextRouter(SchedulerPlugin):
         Context work asks for :func:`dask_context.policy.workers_wanted`; other work
         for what the scheduler's own ``adaptive_target`` says.
         """
-        import dask.config
-
         s = self.scheduler
         if target_duration is None:
             target_duration = dask.config.get("distributed.adaptive.target-duration")
