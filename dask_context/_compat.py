@@ -1,16 +1,18 @@
-"""Every use of distributed's internals, in one place.
+"""Every use of distributed's and dask's internals, in one place.
 
-dask-context extends Dask through public hooks (plugins, scheduler handlers,
-``Adaptive``). Routing also needs a few attributes that are not public API: the
-restrictions on a ``TaskState``, the scheduler's transition engine, and on workers the
-key of the running task. They are all here, and ``pyproject.toml`` pins distributed
-to the range these were checked against (``TESTED``).
+dask-context extends Dask through public hooks (plugins, scheduler and worker
+handlers, events, ``Adaptive``). Routing also needs a few attributes that are not
+public API: the restrictions on a ``TaskState``, the scheduler's transition engine,
+the spec of a task (to tell Dask's own plumbing from user code), and on workers the
+running task's key and its annotations. They are all here, and ``pyproject.toml``
+pins dask and distributed to the range these were checked against (``TESTED``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterable
+import sys
+from collections.abc import Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import distributed
@@ -29,6 +31,13 @@ TESTED = (Version("2026.7.0"), Version("2026.9.0"))
 # there until the scheduler plugin hands them to a worker.
 PARKED = "dask-context://parked"
 
+# Callables from these packages are Dask's own plumbing (or libraries no context
+# loader lives in): a task made only of them never calls ``get_context``.
+LIBRARY_PACKAGES = frozenset(
+    {"dask", "distributed", "toolz", "tlz", "cytoolz", "operator", "builtins",
+     "functools", "itertools", "numpy", "pandas", "pyarrow"}
+)
+
 
 def check_version() -> None:
     """Warn when distributed is outside the range these internals were checked on."""
@@ -41,6 +50,7 @@ def check_version() -> None:
         )
 
 
+# ---------------------------------------------------------------- scheduler side
 def park(ts: TaskState) -> None:
     """Keep ``ts`` off every worker until :func:`send` places it."""
     ts.worker_restrictions = {PARKED}
@@ -48,19 +58,88 @@ def park(ts: TaskState) -> None:
     ts.loose_restrictions = False
 
 
-def send(scheduler: Scheduler, placements: Iterable[tuple[TaskState, str]], stimulus_id: str) -> list[TaskState]:
+def is_running(scheduler: Scheduler, ws: WorkerState) -> bool:
+    return ws in scheduler.running
+
+
+def is_parked(ts: TaskState) -> bool:
+    return bool(ts.worker_restrictions) and PARKED in ts.worker_restrictions
+
+
+def unpark(ts: TaskState) -> None:
+    """Give ``ts`` back to Dask's own scheduling (routed tasks had no restrictions)."""
+    ts.worker_restrictions = None
+    ts.loose_restrictions = False
+
+
+def user_restricted(ts: TaskState) -> bool:
+    """Whether the user pinned ``ts`` to workers or hosts (``workers=``)."""
+    return bool(ts.worker_restrictions or ts.host_restrictions)
+
+
+def fits_resources(ts: TaskState, ws: WorkerState) -> bool:
+    """Whether ``ws`` has the resources ``ts`` asks for (``resources=``)."""
+    wanted = ts.resource_restrictions
+    return not wanted or all(ws.resources.get(r, 0) >= q for r, q in wanted.items())
+
+
+def send(scheduler: Scheduler, placements: Iterable[tuple[TaskState, str]], stimulus_id: str) -> None:
     """Move parked (``no-worker``) tasks to the given workers.
 
-    Returns the tasks that could not be placed (the worker stopped running
-    meanwhile); they are still ``no-worker``.
+    A task that cannot go (the worker stopped running meanwhile) stays in
+    ``no-worker``; the router's transition hook parks and queues it again.
     """
-    moved = []
+    recs = {}
     for ts, address in placements:
         ts.worker_restrictions = {address}
         ts.loose_restrictions = False
-        moved.append(ts)
-    scheduler.transitions({ts.key: "processing" for ts in moved}, stimulus_id=stimulus_id)
-    return [ts for ts in moved if ts.state == "no-worker"]
+        recs[ts.key] = "processing"
+    scheduler.transitions(recs, stimulus_id=stimulus_id)
+
+
+def fail(scheduler: Scheduler, keys: Iterable[Hashable], error: dict[str, Any], stimulus_id: str) -> None:
+    """Fail waiting (``no-worker``) tasks with ``error``, as if they had raised it.
+
+    ``error`` holds the pickled ``exception`` and ``traceback`` and their texts
+    (see :func:`dask_context.errors.error_payload`).
+    """
+    recs: dict = {}
+    for key in keys:
+        ts = scheduler.tasks.get(key)
+        if ts is None or ts.state != "no-worker":
+            continue
+        recs.update(scheduler.transition(key, "erred", stimulus_id=stimulus_id, cause=key, **error))
+    scheduler.transitions(recs, stimulus_id=stimulus_id)
+
+
+def reschedule(scheduler: Scheduler, tasks: Iterable[TaskState], stimulus_id: str) -> None:
+    """Let tasks whose restrictions changed be placed again.
+
+    Tasks waiting in Dask's ``queued`` state ignore restrictions, so they are
+    released first (they come back at once through ``waiting``); ``no-worker``
+    tasks are simply tried again.
+    """
+    recs = {}
+    for ts in tasks:
+        if ts.state == "queued":
+            recs[ts.key] = "released"
+        elif ts.state == "no-worker":
+            recs[ts.key] = "processing"
+    if recs:
+        scheduler.transitions(recs, stimulus_id=stimulus_id)
+
+
+def tasks_of_group(scheduler: Scheduler, group: str) -> list[TaskState]:
+    """Tasks of the task group named ``group``."""
+    tg = scheduler.task_groups.get(group)
+    if tg is None:
+        return []
+    return [ts for ts in scheduler.tasks.values() if ts.group is tg]
+
+
+def parked_unrunnable(scheduler: Scheduler) -> Iterator[TaskState]:
+    """Tasks waiting in ``no-worker`` because the router parked them."""
+    return (ts for ts in scheduler.unrunnable if is_parked(ts))
 
 
 def running_workers(scheduler: Scheduler) -> list[WorkerState]:
@@ -70,10 +149,6 @@ def running_workers(scheduler: Scheduler) -> list[WorkerState]:
 
 def processing_count(ws: WorkerState) -> int:
     return len(ws.processing)
-
-
-def results_nbytes(ws: WorkerState) -> int:
-    return ws.nbytes
 
 
 def compute_seconds(startstops: Any) -> float | None:
@@ -91,6 +166,66 @@ def non_context_ready(scheduler: Scheduler, context_tasks: int) -> int:
     return total - context_tasks
 
 
+def may_call_user_code(spec: Any, depth: int = 0) -> bool:
+    """Whether a task's spec calls anything beyond Dask's own plumbing.
+
+    Aliases, literal data and tasks made only of dask, toolz, numpy or pandas
+    callables (a bag's aggregate, the finalize step) never call ``get_context``;
+    anything else (a user's function, in the task or fused into it) might. Unknown
+    shapes count as user code.
+
+    Examples
+    --------
+    >>> from dask._task_spec import Alias, DataNode, Task
+    >>> def verify(claims): ...
+    >>> may_call_user_code(Task("x", verify, [1, 2]))
+    True
+    >>> may_call_user_code(Task("y", sum, [1, 2])), may_call_user_code(Alias("z", "x"))
+    (False, False)
+    >>> may_call_user_code(Task.fuse(Task("a", len, "abc"), Task("b", verify, Alias("a")), key="b"))
+    True
+    """
+    from dask._task_spec import Alias, DataNode, GraphNode, Task
+
+    if depth > 8:
+        return True
+    if isinstance(spec, (Alias, DataNode)):
+        return False
+    if isinstance(spec, Task):
+        if _user_callable(spec.func):
+            return True
+        return any(may_call_user_code(a, depth + 1) for a in (*spec.args, *spec.kwargs.values()))
+    if isinstance(spec, GraphNode):
+        return True
+    if isinstance(spec, dict):
+        return any(may_call_user_code(v, depth + 1) for v in spec.values())
+    if isinstance(spec, (list, tuple, set, frozenset)):
+        return len(spec) > 1000 or any(may_call_user_code(v, depth + 1) for v in spec)
+    return callable(spec) and _user_callable(spec)
+
+
+def fused_keys(task: Any) -> tuple[Hashable, ...]:
+    """Keys of the tasks fused into ``task`` (``Task.fuse``), or ``()``."""
+    has_subgraph = getattr(task, "has_subgraph", None)
+    if callable(has_subgraph) and has_subgraph():
+        inner = task.args[0]
+        if isinstance(inner, dict):
+            return tuple(inner)
+    return ()
+
+
+def _user_callable(func: Any) -> bool:
+    for _ in range(4):  # functools.partial and the like wrap the function they call
+        inner = getattr(func, "func", None)
+        if inner is None or isinstance(func, type):
+            break
+        func = inner
+    func = getattr(func, "__func__", func)  # bound methods
+    module = getattr(func, "__module__", None) or type(func).__module__
+    return (module or "").split(".")[0] not in LIBRARY_PACKAGES
+
+
+# ---------------------------------------------------------------- worker side
 def current_key() -> Hashable | None:
     """Key of the task running in this worker thread, if any."""
     from distributed.worker import thread_state
@@ -102,3 +237,35 @@ def running_keys(worker: Worker) -> set[Hashable]:
     """Keys of the tasks the worker is executing now."""
     state = worker.state
     return {ts.key for ts in (*state.executing, *state.long_running)}
+
+
+def task_annotations(worker: Worker, key: Hashable) -> dict[str, Any]:
+    ts = worker.state.tasks.get(key)
+    return (ts.annotations or {}) if ts is not None else {}
+
+
+def assigned_contexts(worker: Worker) -> set[str]:
+    """Contexts that tasks assigned to this worker (running or about to) ask for."""
+    out = set()
+    for ts in list(worker.state.tasks.values()):
+        if ts.state in ("memory", "released", "error", "forgotten", "cancelled"):
+            continue
+        name = (ts.annotations or {}).get("context")
+        if isinstance(name, str):
+            out.add(name)
+    return out
+
+
+def batch_job() -> str | None:
+    """The batch job this process runs in: its workers scale in together."""
+    import os
+
+    for var in ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "FLUX_JOB_ID"):
+        if os.environ.get(var):
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+def torch_if_imported() -> Any:
+    """The torch module if something in this process imported it, else None."""
+    return sys.modules.get("torch")

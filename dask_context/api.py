@@ -1,18 +1,26 @@
-"""The user API: register contexts on a cluster, mark tasks that need them."""
+"""The user API: register contexts on a cluster, mark tasks that need them, report."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import html
+import logging
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
+from dask.utils import format_bytes, format_time
 from distributed import Client
 
-from dask_context.scheduler import ContextRouter
+from dask_context import graph
+from dask_context.errors import UnknownContextError
+from dask_context.scheduler import WARNINGS, ContextRouter
 from dask_context.spec import ContextSpec, check_unique
 from dask_context.worker import ContextPlugin
+
+logger = logging.getLogger(__name__)
 
 
 def register(client: Client, *specs: ContextSpec, replace: bool = False) -> Any:
@@ -21,6 +29,9 @@ def register(client: Client, *specs: ContextSpec, replace: bool = False) -> Any:
     Registers the scheduler plugin (once per cluster; registering again is a no-op)
     and one worker plugin per context. Works with existing deployments: nothing but
     ``dask-context`` being installed on the scheduler and the workers is needed.
+    Registering a spec identical to the registered one (same name, loader,
+    arguments and settings) does nothing and keeps every warm copy, so scripts and
+    notebook cells can be run again, by several clients at once.
 
     Parameters
     ----------
@@ -29,47 +40,113 @@ def register(client: Client, *specs: ContextSpec, replace: bool = False) -> Any:
     *specs
         The contexts.
     replace
-        Replace contexts already registered under the same names.
+        Replace contexts registered under the same names with different specs;
+        their warm copies are dropped and they load again on first use.
 
     Returns
     -------
-    The names of all contexts registered on the cluster.
+    ``{name: "added" | "unchanged" | "replaced"}``.
 
     Raises
     ------
     DuplicateContextError
-        If two specs share a name, or a name is already registered and ``replace``
-        is false.
+        If two specs share a name, or a different spec is registered under a name
+        and ``replace`` is false (the message says which fields differ).
 
     Examples
     --------
     .. code-block:: python
 
         spec = ContextSpec("verifier", load_causal_lm, args=["/models/tiny"])
-        register(client, spec)  # ['verifier']
+        register(client, spec)  # {'verifier': 'added'}
+        register(client, spec)  # {'verifier': 'unchanged'}: nothing reloads
     """
     check_unique(specs)
     return client.sync(_register, client, specs, replace)
 
 
-async def _register(client: Client, specs: tuple[ContextSpec, ...], replace: bool) -> list[str]:
+async def _register(client: Client, specs: tuple[ContextSpec, ...], replace: bool) -> dict[str, str]:
     await client.register_plugin(ContextRouter())
-    names = await client.scheduler.dask_context_register(
+    status = await client.scheduler.dask_context_register(
         specs=[spec.info() for spec in specs], replace=replace
     )
     for spec in specs:
-        await client.register_plugin(ContextPlugin(spec))
-    return names
+        # an unchanged spec keeps its worker plugin (and the warm copies); registering
+        # it idempotently still installs it if the client that added it went away
+        await client.register_plugin(ContextPlugin(spec, idempotent=status[spec.name] == "unchanged"))
+    show_warnings(client)
+    return status
 
 
 def unregister(client: Client, *names: str) -> Any:
-    """Remove contexts from every worker (their memory is freed)."""
+    """Remove contexts from the cluster: the scheduler forgets them, every worker
+    frees their memory, and their queued tasks fail with ``UnknownContextError``.
+
+    Raises
+    ------
+    UnknownContextError
+        If a name is not registered.
+    """
     return client.sync(_unregister, client, names)
 
 
-async def _unregister(client: Client, names: tuple[str, ...]) -> None:
+async def _unregister(client: Client, names: tuple[str, ...]) -> list[str]:
+    try:
+        left = await client.scheduler.dask_context_unregister(names=list(names))
+    except ValueError as exc:  # no router on this scheduler: nothing is registered
+        if "dask_context_unregister" not in str(exc):
+            raise
+        raise UnknownContextError(names[0], []) from None
     for name in names:
-        await client.unregister_worker_plugin(f"dask-context-{name}")
+        try:
+            await client.unregister_worker_plugin(f"dask-context-{name}")
+        except OSError:
+            # a worker died during the broadcast; the scheduler has dropped the
+            # plugin already, so no worker (nor any replacement) sets it up again
+            logger.info("A worker left while context %r was removed from the workers", name)
+    return left
+
+
+def show_warnings(client: Client) -> None:
+    """Show the router's advice to users (e.g. tasks that should be marked) as Python
+    warnings on this client. :func:`register` does this for its client."""
+
+    def warn(event: tuple[float, dict[str, Any]]) -> None:
+        warnings.warn(event[1]["message"], UserWarning, stacklevel=1)
+
+    client.subscribe_topic(WARNINGS, warn)
+
+
+class Report(dict):
+    """The plain-data report, with a short rendering for terminals and notebooks."""
+
+    def __str__(self) -> str:
+        lines = []
+        for name, c in self["contexts"].items():
+            load = "-" if c["load_time"] is None else format_time(c["load_time"])
+            size = "-" if c["nbytes"] is None else format_bytes(c["nbytes"])
+            lines.append(
+                f"{name}: {len(c['warm'])} warm, {c['loads']} loads (~{load} each, {size}), "
+                f"{c['tasks']} tasks done ({c['hits']} warm hits), {c['queued']} queued, "
+                f"{c['running']} running, {c['evictions']} evictions, {c['failures']} failed loads"
+            )
+        for address, w in self["workers"].items():
+            held = ", ".join(f"{n} ({format_bytes(b)})" for n, b in w["resident"].items()) or "nothing"
+            budget = "unlimited" if w["budget"] in (None, float("inf")) else format_bytes(int(w["budget"]))
+            lines.append(f"  {address}: {held} of {budget}")
+        return "\n".join(lines) or "no contexts registered"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                name, len(c["warm"]), c["loads"], c["tasks"], c["hits"], c["queued"],
+                c["running"], c["evictions"], c["failures"])) + "</tr>"
+            for name, c in self["contexts"].items()
+        )
+        head = "".join(f"<th>{h}</th>" for h in (
+            "context", "warm workers", "loads", "tasks", "warm hits", "queued", "running",
+            "evictions", "failed loads"))
+        return f"<table><tr>{head}</tr>{rows}</table>"
 
 
 def report(client: Client) -> Any:
@@ -77,32 +154,38 @@ def report(client: Client) -> Any:
 
     Returns
     -------
-    ``{"contexts": {name: {...}}, "workers": {address: {...}}}``, plain data.
+    ``{"contexts": {name: {...}}, "workers": {address: {...}}}``, plain data whose
+    ``str()`` (and notebook rendering) is a short summary.
     """
-    return client.sync(client.scheduler.dask_context_report)
+    return client.sync(_report, client)
+
+
+async def _report(client: Client) -> Report:
+    return Report(await client.scheduler.dask_context_report())
 
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
-    """Mark the tasks submitted inside this block as needing context ``name``.
+    """Mark the tasks built or submitted inside this block as needing context ``name``.
 
-    Works for everything submitted or computed in the block: ``bag.compute()``,
-    ``client.compute``/``persist``, ``client.map``/``submit``, and ``dask.delayed``
-    graphs built in the block. Tasks marked this way run only on workers that hold
-    the context (or that the scheduler chose to warm).
-
-    dask.bag rewrites its graph when it computes and drops annotations made while
-    the bag was built, so for bags put ``use`` around the ``compute`` call.
+    Works wherever the tasks are computed: a bag, array or ``dask.delayed`` graph
+    built in the block is routed when it is computed later, outside it; and
+    ``compute``, ``persist``, ``client.map``/``submit`` called in the block mark
+    everything they submit. Only tasks that run user code are routed (those that
+    call ``get_context``); Dask's own steps (a bag's aggregate, aliases, finalize)
+    schedule as usual.
 
     Examples
     --------
     .. code-block:: python
 
         with use("verifier"):
-            verdicts = claims.map_partitions(verify).compute()
+            verdicts = claims.map_partitions(verify)
+        verdicts.compute()
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"context name must be a non-empty string, got {name!r}")
+    graph.install()
     with dask.annotate(context=name):
         yield
 

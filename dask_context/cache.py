@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-import sys
+import math
 import threading
 import time
 from collections.abc import Callable, Collection, Hashable
@@ -21,6 +21,7 @@ from typing import Any
 from dask.sizeof import sizeof
 from dask.utils import format_bytes
 
+from dask_context import _compat
 from dask_context.errors import ContextTooLargeError, UnknownContextError
 from dask_context.policy import Resident, choose_victims, resolve_device
 from dask_context.spec import ContextSpec
@@ -65,10 +66,8 @@ def place(obj: Any, device: str) -> Any:
     >>> place({"template": "Claim: {claim}"}, "cpu")
     {'template': 'Claim: {claim}'}
     """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return obj
-    if isinstance(obj, (torch.nn.Module, torch.Tensor)):
+    torch = _compat.torch_if_imported()
+    if torch is not None and isinstance(obj, (torch.nn.Module, torch.Tensor)):
         return obj.to(device)
     if isinstance(obj, dict):
         return {k: place(v, device) for k, v in obj.items()}
@@ -79,9 +78,9 @@ def place(obj: Any, device: str) -> Any:
 
 
 def release_device_memory() -> None:
-    """Return freed memory to the OS and the CUDA driver after an eviction."""
+    """Return freed memory to the allocator and the CUDA driver after an eviction."""
     gc.collect()
-    torch = sys.modules.get("torch")
+    torch = _compat.torch_if_imported()
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 
@@ -98,11 +97,15 @@ class ContextCache:
     emit
         Called with a plain dict for every state change ("loading", "loaded",
         "evicted", "failed"); the worker plugin forwards these to the scheduler.
+        A "failed" event carries the exception itself under ``"exc"``.
     failed_load_retry
         Seconds during which a failed load is re-raised instead of retried.
     running
         Returns the keys of the tasks running now; contexts used by them are never
         evicted.
+    assigned
+        Returns the contexts that tasks assigned to this worker (running or about
+        to run) ask for; they are never evicted either.
     gpu_free
         Free bytes per visible GPU, for specs that ask for ``"cuda"``.
 
@@ -125,11 +128,12 @@ class ContextCache:
 
     def __init__(
         self,
-        budget: float = float("inf"),
+        budget: float = math.inf,
         device: str = "cpu",
         emit: Emit = lambda msg: None,
         failed_load_retry: float = 30.0,
         running: Callable[[], Collection[Hashable]] = frozenset,
+        assigned: Callable[[], Collection[str]] = frozenset,
         gpu_free: list[int] | None = None,
     ):
         self.budget = budget
@@ -137,11 +141,16 @@ class ContextCache:
         self.failed_load_retry = failed_load_retry
         self._emit = emit
         self._running = running
+        self._assigned = assigned
         self._gpu_free = gpu_free or []
         self._specs: dict[str, ContextSpec] = {}
+        # bumped whenever a name's spec is replaced or removed: a load that started
+        # under an older generation is thrown away when it ends
+        self._generation: dict[str, int] = {}
         self._entries: dict[str, Entry] = {}
         self._loading: set[str] = set()
         self._failures: dict[str, tuple[BaseException, Any, float]] = {}
+        self._measured: dict[str, int] = {}
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
         self.loads: dict[str, int] = {}
@@ -150,20 +159,33 @@ class ContextCache:
     def add(self, spec: ContextSpec) -> None:
         """Make ``spec`` loadable here (replacing a spec of the same name)."""
         with self._lock:
-            if spec.name in self._specs:
-                self.evict(spec.name, reason="replaced")
+            old = self._specs.get(spec.name)
+            if old is not None and old.token == spec.token:
+                return
+            self._generation[spec.name] = self._generation.get(spec.name, 0) + 1
             self._specs[spec.name] = spec
             self._failures.pop(spec.name, None)
+            self._measured.pop(spec.name, None)
             self._load_locks.setdefault(spec.name, threading.Lock())
+        if old is not None:
+            self.evict(spec.name, reason="replaced")
 
     def remove(self, name: str) -> None:
-        """Forget ``name`` and free its memory."""
+        """Forget ``name`` and free its memory (a load under way is thrown away)."""
         with self._lock:
-            self.evict(name, reason="unregistered")
             self._specs.pop(name, None)
+            self._generation[name] = self._generation.get(name, 0) + 1
+            self._failures.pop(name, None)
+            self._measured.pop(name, None)
+        self.evict(name, reason="unregistered")
 
     def names(self) -> list[str]:
         return sorted(self._specs)
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """``ContextSpec.info()`` of each spec set up here."""
+        with self._lock:
+            return {n: s.info() for n, s in self._specs.items()}
 
     # ------------------------------------------------------------------ use
     def get(self, name: str, key: Hashable | None = None) -> Any:
@@ -176,18 +198,24 @@ class ContextCache:
         key
             The calling task's key; the context is not evicted while it runs.
         """
-        if name not in self._specs:
-            raise UnknownContextError(name, list(self._specs))
+        self._check_known(name)
         entry = self._touch(name, key)
         if entry is not None:
             return entry.obj
         with self._load_locks[name]:
-            # another thread may have loaded it while this one waited
-            entry = self._touch(name, key)
-            if entry is not None:
-                return entry.obj
-            self._raise_recent_failure(name)
-            return self._load(self._specs[name], key).obj
+            while True:
+                # another thread may have loaded it while this one waited
+                entry = self._touch(name, key)
+                if entry is not None:
+                    return entry.obj
+                self._check_known(name)
+                self._raise_recent_failure(name)
+                with self._lock:
+                    spec, generation = self._specs[name], self._generation[name]
+                entry = self._load(spec, key, generation)
+                if entry is not None:
+                    return entry.obj
+                # the spec was replaced or removed while it loaded: load the new one
 
     def load_in_background(self, name: str) -> threading.Thread:
         """Start loading ``name`` in a daemon thread (eager contexts)."""
@@ -201,6 +229,14 @@ class ContextCache:
         thread = threading.Thread(target=run, name=f"dask-context-load-{name}", daemon=True)
         thread.start()
         return thread
+
+    def failed_recently(self, name: str) -> bool:
+        failure = self._failures.get(name)
+        return failure is not None and time.monotonic() - failure[2] < self.failed_load_retry
+
+    def _check_known(self, name: str) -> None:
+        if name not in self._specs:
+            raise UnknownContextError(name, list(self._specs))
 
     def _touch(self, name: str, key: Hashable | None) -> Entry | None:
         with self._lock:
@@ -223,58 +259,77 @@ class ContextCache:
         del self._failures[name]
 
     # ------------------------------------------------------------------ load
-    def _load(self, spec: ContextSpec, key: Hashable | None) -> Entry:
-        device = resolve_device(
-            self.device if spec.device == "auto" else spec.device, self._gpu_free
-        )
-        estimate = spec.memory or 0
-        self._make_room(spec.name, estimate)
+    def _load(self, spec: ContextSpec, key: Hashable | None, generation: int) -> Entry | None:
+        name = spec.name
+        # the size measured here last time, else the spec's estimate; a context
+        # declared larger than the budget is still tried (estimates can be wrong),
+        # after making as much room as there is
+        estimate = self._measured.get(name, spec.memory or 0)
+        self._make_room(name, min(estimate, self.budget))
         with self._lock:
-            self._loading.add(spec.name)
-        self._emit({"action": "loading", "context": spec.name, "key": _plain(key)})
+            self._loading.add(name)
+        self._emit({"action": "loading", "context": name, "key": plain_key(key)})
         start = time.perf_counter()
+        device = "cpu"
         try:
+            device = resolve_device(
+                self.device if spec.device == "auto" else spec.device, self._gpu_free
+            )
             obj = self._call_loader(spec, device)
-            nbytes = max(int(sizeof(obj)), estimate)
+            nbytes = int(sizeof(obj))
             if nbytes > self.budget:
                 del obj
                 raise ContextTooLargeError(
-                    f"context {spec.name!r} takes {format_bytes(nbytes)} once loaded, "
-                    "more than the memory budget of this worker "
-                    f"({format_bytes(int(self.budget))})"
+                    f"context {name!r} takes {format_bytes(nbytes)} once loaded, more "
+                    f"than the memory budget of this worker ({format_bytes(int(self.budget))})"
                 )
         except BaseException as exc:
-            with self._lock:
-                self._loading.discard(spec.name)
-                self._failures[spec.name] = (exc, exc.__traceback__, time.monotonic())
-            release_device_memory()
-            exc.add_note(f"dask-context: loading context {spec.name!r} failed")
-            self._emit(
-                {"action": "failed", "context": spec.name, "error": repr(exc),
-                 "resident": self.resident_bytes()}
-            )
+            self._failed(spec, exc, generation)
             raise
         seconds = time.perf_counter() - start
         entry = Entry(obj, nbytes, device, seconds, time.monotonic())
         if key is not None:
             entry.users.add(key)
         with self._lock:
-            self._loading.discard(spec.name)
-            self._entries[spec.name] = entry
-            self.loads[spec.name] = self.loads.get(spec.name, 0) + 1
+            self._loading.discard(name)
+            current = self._generation.get(name) == generation
+            if current:
+                self._entries[name] = entry
+                self._measured[name] = nbytes
+                self.loads[name] = self.loads.get(name, 0) + 1
+        if not current:
+            del entry, obj
+            release_device_memory()
+            logger.info("Context %r changed while it loaded: the old load is thrown away", name)
+            self._emit({"action": "evicted", "context": name, "reason": "replaced while loading",
+                        "resident": self.resident_bytes()})
+            return None
         if nbytes > estimate:
             # the estimate was low: make room for what the context really takes
-            self._make_room(spec.name, 0)
+            self._make_room(name, 0)
         logger.info(
             "Loaded context %r on %s in %.2f s (%s)",
-            spec.name, device, seconds, format_bytes(nbytes),
+            name, device, seconds, format_bytes(nbytes),
         )
         self._emit(
-            {"action": "loaded", "context": spec.name, "key": _plain(key),
+            {"action": "loaded", "context": name, "key": plain_key(key),
              "seconds": seconds, "nbytes": nbytes, "device": device,
              "resident": self.resident_bytes()}
         )
         return entry
+
+    def _failed(self, spec: ContextSpec, exc: BaseException, generation: int) -> None:
+        with self._lock:
+            self._loading.discard(spec.name)
+            if self._generation.get(spec.name) == generation:
+                self._failures[spec.name] = (exc, exc.__traceback__, time.monotonic())
+        release_device_memory()
+        exc.add_note(f"dask-context: loading context {spec.name!r} failed")
+        logger.warning("Loading context %r failed: %r", spec.name, exc)
+        self._emit(
+            {"action": "failed", "context": spec.name, "error": repr(exc), "exc": exc,
+             "resident": self.resident_bytes()}
+        )
 
     def _call_loader(self, spec: ContextSpec, device: str) -> Any:
         kwargs = dict(spec.kwargs)
@@ -290,10 +345,18 @@ class ContextCache:
         return place(obj, device)
 
     # ------------------------------------------------------------------ evict
-    def _make_room(self, name: str, needed: int) -> None:
-        """Evict least recently used contexts so that ``needed`` bytes fit."""
+    def _protected(self) -> set[str]:
+        running = set(self._running())
         with self._lock:
-            running = set(self._running())
+            for e in self._entries.values():
+                e.users &= running
+            used = {n for n, e in self._entries.items() if e.users}
+        return used | set(self._assigned())
+
+    def _make_room(self, name: str, needed: float) -> None:
+        """Evict least recently used contexts that no task here needs, so ``needed`` more bytes fit."""
+        protected = self._protected()
+        with self._lock:
             held = {
                 n: Resident(e.nbytes, e.last_used)
                 for n, e in self._entries.items()
@@ -301,33 +364,38 @@ class ContextCache:
             }
             if name in self._entries:
                 needed += self._entries[name].nbytes
-            for e in self._entries.values():
-                e.users &= running
-            protected = {n for n, e in self._entries.items() if e.users}
-            if needed > self.budget:
-                raise ContextTooLargeError(
-                    f"context {name!r} needs {format_bytes(needed)} but the memory "
-                    f"budget of this worker is {format_bytes(int(self.budget))}; raise "
-                    "dask-context.worker.memory-budget or use a larger worker"
-                )
-            victims = choose_victims(held, needed, self.budget, protected)
+            victims = choose_victims(held, int(min(needed, self.budget)), self.budget, protected)
         for victim in victims:
             self.evict(victim, reason="memory budget")
         left = self.used_bytes() + (0 if name in self._entries else needed)
         if left > self.budget:
             logger.warning(
                 "Contexts on this worker take %s, over the budget of %s, because "
-                "running tasks use them",
-                format_bytes(left), format_bytes(int(self.budget)),
+                "tasks here use them",
+                format_bytes(int(left)), format_bytes(int(self.budget)),
             )
 
     def _evict_unused(self) -> bool:
-        running = set(self._running())
+        protected = self._protected()
         with self._lock:
-            idle = [n for n, e in self._entries.items() if not e.users & running]
+            idle = [n for n in self._entries if n not in protected]
         for name in idle:
             self.evict(name, reason="out of memory")
         return bool(idle)
+
+    def evict_unused(self, names: Collection[str]) -> list[str]:
+        """Evict those of ``names`` that no task here needs (the router's request).
+
+        Returns the names that are not resident afterwards.
+        """
+        protected = self._protected()
+        out = []
+        for name in names:
+            if name in protected:
+                continue
+            self.evict(name, reason="router")
+            out.append(name)
+        return out
 
     def evict(self, name: str, reason: str = "requested") -> bool:
         """Drop ``name`` if it is loaded; return whether it was."""
@@ -360,6 +428,10 @@ class ContextCache:
         with self._lock:
             return {n: e.nbytes for n, e in self._entries.items()}
 
+    def loading(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loading)
+
 
 def _accepts_device(loader: Callable[..., Any]) -> bool:
     try:
@@ -370,11 +442,11 @@ def _accepts_device(loader: Callable[..., Any]) -> bool:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    torch = sys.modules.get("torch")
+    torch = _compat.torch_if_imported()
     oom = (MemoryError,) + ((torch.OutOfMemoryError,) if torch is not None else ())
     return isinstance(exc, oom)
 
 
-def _plain(key: Hashable | None) -> Any:
+def plain_key(key: Hashable | None) -> Any:
     """Task keys are str or tuples; events must be msgpack-able."""
     return list(key) if isinstance(key, tuple) else key

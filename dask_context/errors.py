@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ContextError(Exception):
     """Base class of every dask-context error."""
@@ -33,3 +35,39 @@ class ContextTooLargeError(ContextError, ValueError):
 
 class NotRegisteredError(ContextError, RuntimeError):
     """``get_context`` ran on a worker where dask-context was never set up."""
+
+
+class SettingError(ContextError, ValueError):
+    """A ``dask-context`` setting has a value that cannot be used."""
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """``exc`` and its traceback, pickled the way Dask sends task errors.
+
+    The scheduler fails tasks with this payload (``Scheduler.transition(...,
+    "erred", **payload)``), so that ``Future.result()`` raises the loader's own
+    exception with its own traceback.
+    """
+    import traceback
+
+    import tblib.pickling_support
+    from distributed.protocol import pickle
+
+    tblib.pickling_support.install(exc)
+    try:
+        exception = pickle.dumps(exc)
+        pickle.loads(exception)
+    except Exception:
+        exception = pickle.dumps(ContextError(repr(exc)))
+    tb = exc.__traceback__
+    try:
+        tb_bytes = pickle.dumps(tb)
+        pickle.loads(tb_bytes)
+    except Exception:
+        tb_bytes = None
+    return {
+        "exception": exception,
+        "traceback": tb_bytes,
+        "exception_text": repr(exc),
+        "traceback_text": "".join(traceback.format_tb(tb)),
+    }

@@ -33,20 +33,19 @@ class ContextCollector(PrometheusCollector):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         report = self.router.report()["contexts"]
-        s = self.router.stats
         counters = [
-            ("loads", "Context loads on workers.", s.loads),
-            ("load_seconds", "Seconds spent loading contexts.", s.load_seconds),
-            ("evictions", "Contexts evicted from workers.", s.evictions),
-            ("load_failures", "Context loads that raised.", s.failures),
-            ("tasks", "Context tasks finished.", s.tasks),
-            ("warmups", "Cold workers chosen to warm up for a context.", s.warmups),
-            ("requeued", "Context tasks sent back to the queue (worker lost).", s.requeued),
+            ("loads", "Context loads on workers.", "loads"),
+            ("load_seconds", "Seconds spent loading contexts.", "load_seconds"),
+            ("evictions", "Contexts evicted from workers.", "evictions"),
+            ("load_failures", "Context loads that raised.", "failures"),
+            ("tasks", "Context tasks finished.", "tasks"),
+            ("warmups", "Cold workers chosen to warm up for a context.", "warmups"),
+            ("requeued", "Context tasks sent back to the queue (worker lost).", "requeued"),
         ]
-        for name, doc, values in counters:
+        for name, doc, field in counters:
             family = CounterMetricFamily(self.build_name(name), doc, labels=["context"])
-            for context in report:
-                family.add_metric([context], values[context])
+            for context, row in report.items():
+                family.add_metric([context], row[field])
             yield family
         gauges = [
             ("queued_tasks", "Context tasks waiting for a worker.", "queued"),

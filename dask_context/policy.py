@@ -1,4 +1,4 @@
-"""Routing, warm-up, eviction and retirement decisions as pure functions.
+"""Routing, warm-up, eviction, failure and retirement decisions as pure functions.
 
 Nothing here touches Dask: each function takes plain data (the views below) and
 returns a decision, so that every rule can be read, doctested and unit tested on its
@@ -15,7 +15,7 @@ worth warming only while the backlog per warm worker is longer than a load.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from dask_context.errors import ContextTooLargeError
@@ -128,20 +128,28 @@ class ContextView:
     load_time
         Estimated seconds to load the context on a cold worker.
     nbytes
-        Estimated size of the loaded context.
+        Size of the loaded context: measured, else the spec's estimate; ``None``
+        when neither is known, which counts as a whole worker's budget.
     allowed
         Workers its tasks may run on: warm, warming, or chosen to warm.
     first
         Priority of its most urgent queued task (lower goes first), used to order
         contexts that compete for the same workers.
+    excluded
+        Workers that must not serve it now: its load failed there recently, or the
+        worker has not set the context up (yet).
+    waited
+        Seconds since it has had queued work.
     """
 
     queued: int
     backlog: float
     load_time: float
-    nbytes: int = 0
+    nbytes: int | None = None
     allowed: frozenset[str] = frozenset()
     first: tuple = ()
+    excluded: frozenset[str] = frozenset()
+    waited: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -156,11 +164,14 @@ class WorkerView:
         Contexts it holds, or is loading.
     inflight
         Tasks it is running or has been sent.
+    busy
+        Contexts with tasks running on it or sent to it: never evicted there.
     """
 
     budget: float = math.inf
     resident: Mapping[str, Resident] = field(default_factory=dict)
     inflight: int = 0
+    busy: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -172,20 +183,26 @@ class Plan:
 
 
 def plan_routes(
-    contexts: Mapping[str, ContextView], workers: Mapping[str, WorkerView]
+    contexts: Mapping[str, ContextView], workers: Mapping[str, WorkerView], settle: float = 0.0
 ) -> Plan:
     """Decide which workers start serving which contexts.
 
-    Two passes, both only over workers whose memory budget fits the context once
-    contexts that have no queued work are evicted:
+    Two passes, both only over workers that are not excluded for the context and
+    whose memory budget fits it once contexts that have no work there are evicted.
+    A context of unknown size counts as filling a whole worker until it is measured.
 
     1. A context with queued work and no allowed worker gets one: an idle worker
        if there is one, else the least loaded worker that can hold it *beside* the
        contexts it is busy with. With neither, its tasks wait (they are not lost).
-       A context larger than every worker's budget goes to the largest worker,
-       where loading it fails its tasks with a clear error rather than a hang.
-    2. While a context's backlog per allowed worker exceeds its load time, it is
-       widened onto another idle worker (the rule in the module docstring).
+       A context measured (or declared) larger than every worker's budget goes to
+       the largest idle worker, emptied for it, which tries it and reports the
+       failure if it really does not fit, rather than leaving its tasks waiting.
+    2. While a context's backlog per allowed worker exceeds its load time (plus
+       the load times of warm contexts the new worker would evict), it is
+       widened onto another idle worker (the rule in the module docstring), once
+       it has had queued work for ``settle`` seconds: work submitted together
+       (several ``client.map`` calls in one notebook cell) is all placed once
+       before any of it spreads.
 
     Examples
     --------
@@ -196,6 +213,13 @@ def plan_routes(
     >>> cs = {"A": ContextView(queued=50, backlog=50.0, load_time=5.0, nbytes=80),
     ...       "B": ContextView(queued=50, backlog=50.0, load_time=5.0, nbytes=80,
     ...                        first=(1,))}
+    >>> plan_routes(cs, ws).add
+    {'A': {'w1'}, 'B': {'w2'}}
+
+    Sizes not known yet count as a whole worker: no two such contexts share one.
+
+    >>> cs = {c: ContextView(queued=5, backlog=5.0, load_time=5.0, first=(i,))
+    ...       for i, c in enumerate("ABC")}
     >>> plan_routes(cs, ws).add
     {'A': {'w1'}, 'B': {'w2'}}
 
@@ -211,15 +235,29 @@ def plan_routes(
     >>> plan_routes({"A": long}, warm).add
     {'A': {'w2'}}
 
-    A third context waits while both workers are busy with contexts that fill them.
+    Work that has just arrived is not spread yet: other work may be on its way.
 
-    >>> busy = {"w1": WorkerView(budget=100, resident={"A": Resident(80, 0.0)}),
-    ...         "w2": WorkerView(budget=100, resident={"B": Resident(80, 0.0)})}
-    >>> cs = {"A": ContextView(5, 5.0, 5.0, 80, frozenset({"w1"})),
-    ...       "B": ContextView(5, 5.0, 5.0, 80, frozenset({"w2"})),
-    ...       "C": ContextView(5, 5.0, 5.0, 80)}
-    >>> plan_routes(cs, busy).add
+    >>> fresh = ContextView(queued=100, backlog=30.0, load_time=5.0,
+    ...                     allowed=frozenset({"w1"}), waited=0.05)
+    >>> plan_routes({"A": fresh}, warm, settle=0.2).add
     {}
+
+    Spreading onto a worker that holds another context must also pay for
+    loading that one again later.
+
+    >>> held = {"w1": WorkerView(budget=100, resident={"A": Resident(80, 0.0)}),
+    ...         "w2": WorkerView(budget=100, resident={"B": Resident(80, 0.0)})}
+    >>> cs = {"A": ContextView(queued=100, backlog=12.0, load_time=5.0, nbytes=80,
+    ...                        allowed=frozenset({"w1"})),
+    ...       "B": ContextView(queued=0, backlog=0.0, load_time=10.0, nbytes=80,
+    ...                        allowed=frozenset({"w2"}))}
+    >>> plan_routes(cs, held).add
+    {}
+
+    A worker whose load failed is not chosen again.
+
+    >>> plan_routes({"A": ContextView(5, 5.0, 5.0, 80, excluded=frozenset({"w1"}))}, ws).add
+    {'A': {'w2'}}
     """
     planner = _Planner(contexts, workers)
     demand = sorted(
@@ -228,7 +266,8 @@ def plan_routes(
     for c in demand:
         if not planner.allowed[c]:
             planner.first_worker(c)
-    while planner.widen_once(demand):
+    settled = [c for c in demand if contexts[c].waited >= settle]
+    while planner.widen_once(settled):
         pass
     return planner.plan
 
@@ -239,7 +278,9 @@ class _Planner:
     def __init__(self, contexts: Mapping[str, ContextView], workers: Mapping[str, WorkerView]):
         self.contexts = contexts
         self.workers = workers
-        self.allowed = {c: set(v.allowed) & workers.keys() for c, v in contexts.items()}
+        self.allowed = {
+            c: (set(v.allowed) & workers.keys()) - v.excluded for c, v in contexts.items()
+        }
         self.resident = {w: dict(v.resident) for w, v in workers.items()}
         self.plan = Plan()
 
@@ -256,15 +297,23 @@ class _Planner:
         )
         return self.workers[w].inflight + share
 
+    def size(self, c: str, w: str) -> float:
+        nbytes = self.contexts[c].nbytes
+        budget = self.workers[w].budget
+        if nbytes is None:
+            return 0 if math.isinf(budget) else budget
+        return nbytes
+
     def victims(self, w: str, c: str) -> list[str] | None:
         """Contexts ``w`` must evict to hold ``c``; None if it cannot hold it."""
         held = self.resident[w]
         if c in held:
             return []
-        need = self.contexts[c].nbytes
+        need = self.size(c, w)
         budget = self.workers[w].budget
+        protected = {*self.serves(w), *self.workers[w].busy}
         try:
-            out = choose_victims(held, need, budget, protected=self.serves(w))
+            out = choose_victims(held, need, budget, protected=protected)
         except ContextTooLargeError:
             return None
         left = sum(r.nbytes for n, r in held.items() if n not in out)
@@ -277,19 +326,27 @@ class _Planner:
             del self.resident[w][v]
             self.allowed.get(v, set()).discard(w)
             self.plan.evict.setdefault(w, []).append(v)
-        self.resident[w][c] = Resident(self.contexts[c].nbytes, math.inf)
+        self.resident[w][c] = Resident(int(self.size(c, w)), math.inf)
+
+    def eligible(self, c: str) -> list[str]:
+        return [w for w in sorted(self.workers) if w not in self.contexts[c].excluded]
 
     def first_worker(self, c: str) -> None:
-        if self.workers and self.contexts[c].nbytes > max(v.budget for v in self.workers.values()):
-            # no worker can ever hold it: send it to the largest one anyway, whose
-            # load fails the tasks with ContextTooLargeError instead of leaving them
-            # waiting forever
-            w = max(sorted(self.workers), key=lambda w: self.workers[w].budget)
-            self.allowed[c].add(w)
-            self.plan.add.setdefault(c, set()).add(w)
+        eligible = self.eligible(c)
+        if not eligible:
+            return
+        nbytes = self.contexts[c].nbytes
+        if nbytes is not None and nbytes > max(self.workers[w].budget for w in eligible):
+            # larger than every budget as far as anyone knows: the largest idle
+            # worker tries it (the estimate may be wrong; if it is not, its failure
+            # fails the tasks with ContextTooLargeError once every worker tried)
+            spare = [w for w in eligible if self.spare(w)]
+            if spare:
+                w = max(spare, key=lambda w: self.workers[w].budget)
+                self.add(c, w, [n for n in self.resident[w] if n not in self.workers[w].busy])
             return
         best = None
-        for w in sorted(self.workers):
+        for w in eligible:
             victims = self.victims(w, c)
             if victims is None:
                 continue
@@ -311,16 +368,68 @@ class _Planner:
         for c in sorted(wanting, key=lambda c: (-per_worker(c), c)):
             options = [
                 (len(v), w, v)
-                for w in sorted(self.workers)
+                for w in self.eligible(c)
                 if w not in self.allowed[c]
                 and self.spare(w)
                 and (v := self.victims(w, c)) is not None
+                # a warm context evicted to make room will cost its own load when
+                # it is needed again: spreading onto its worker must pay for both
+                and per_worker(c) > self.contexts[c].load_time + self.reload_cost(v)
             ]
             if options:
                 _, w, victims = min(options)
                 self.add(c, w, victims)
                 return True
         return False
+
+    def reload_cost(self, victims: list[str]) -> float:
+        return sum(self.contexts[v].load_time for v in victims if v in self.contexts)
+
+
+def load_failed_everywhere(
+    failed: Collection[str], running: Collection[str], serving: bool, limit: int
+) -> bool:
+    """Whether a context's tasks should fail because its load keeps failing.
+
+    A failed load only takes that worker out of the context's workers (for
+    ``failed-load-retry``); the tasks go to healthy workers. They fail when no
+    worker holds or is loading the context (``serving`` is false) and either every
+    running worker has failed to load it, or ``limit`` distinct workers have.
+
+    Parameters
+    ----------
+    failed
+        Workers whose load of the context failed recently, including departed ones.
+    running
+        Workers running now.
+    serving
+        Whether some worker holds the context or is loading it.
+    limit
+        ``dask-context.scheduler.failed-load-workers``.
+
+    Examples
+    --------
+    One bad node of three: the tasks go elsewhere.
+
+    >>> load_failed_everywhere({"a"}, {"a", "b", "c"}, serving=False, limit=3)
+    False
+
+    Every worker failed, or as many as the limit: the tasks fail.
+
+    >>> load_failed_everywhere({"a", "b"}, {"a", "b"}, serving=False, limit=3)
+    True
+    >>> load_failed_everywhere({"a", "b", "c"}, {"a", "b", "c", "d"}, serving=False, limit=3)
+    True
+
+    The context is warm somewhere: nothing fails.
+
+    >>> load_failed_everywhere({"a", "b"}, {"a", "b", "c"}, serving=True, limit=2)
+    False
+    """
+    if serving or not failed:
+        return False
+    failed = set(failed)
+    return bool(running) and set(running) <= failed or len(failed) >= limit
 
 
 @dataclass(frozen=True)
@@ -329,50 +438,55 @@ class RetireView:
 
     Attributes
     ----------
-    idle
-        It runs no task and has none queued.
     warm
         Contexts it holds.
     idle_for
-        Seconds since it last ran a task.
-    nbytes
-        Bytes of results it holds (they must move before it goes).
+        Seconds since it last ran a context task (``math.inf`` if never).
+    group
+        Workers with the same group (one batch job) are retired together or not at
+        all; ``None`` for a worker of its own.
     """
 
-    idle: bool
     warm: frozenset[str] = frozenset()
     idle_for: float = math.inf
-    nbytes: int = 0
+    group: Hashable | None = None
 
 
-def retire_order(
+def hold_back(
     workers: Mapping[str, RetireView], wanted: Collection[str], keep_warm: float
-) -> list[str]:
-    """Workers that may be retired, the best candidates first.
+) -> set[str]:
+    """Workers that scale-in must keep: warm ones worth keeping, with their groups.
 
-    Only idle workers may go. A worker warm for a context in ``wanted`` (one with
-    work left) stays, as does a warm worker idle for less than ``keep_warm``
-    seconds. Cold workers go first, then those warm for fewer contexts, then those
-    holding fewer bytes of results.
+    A warm worker is worth keeping while one of its contexts has work (queued or
+    running: ``wanted``), or for ``keep_warm`` seconds after it last ran a context
+    task. Busy or cold workers are never held back here: whether they may go is
+    Dask's own decision. A held-back worker keeps every worker of its group.
 
     Examples
     --------
-    >>> ws = {"cold": RetireView(idle=True),
-    ...       "warm-A": RetireView(idle=True, warm=frozenset({"A"}), idle_for=500),
-    ...       "warm-B": RetireView(idle=True, warm=frozenset({"B"}), idle_for=500),
-    ...       "fresh": RetireView(idle=True, warm=frozenset({"C"}), idle_for=1),
-    ...       "busy": RetireView(idle=False)}
-    >>> retire_order(ws, wanted={"B"}, keep_warm=60)
-    ['cold', 'warm-A']
+    >>> ws = {"cold": RetireView(),
+    ...       "warm-A": RetireView(warm=frozenset({"A"}), idle_for=500),
+    ...       "warm-B": RetireView(warm=frozenset({"B"}), idle_for=500),
+    ...       "fresh": RetireView(warm=frozenset({"C"}), idle_for=1)}
+    >>> sorted(hold_back(ws, wanted={"B"}, keep_warm=60))
+    ['fresh', 'warm-B']
+
+    Workers of one batch job stay together.
+
+    >>> job = {"w0": RetireView(warm=frozenset({"A"}), idle_for=1, group="job-7"),
+    ...        "w1": RetireView(group="job-7"), "w2": RetireView(group="job-8")}
+    >>> sorted(hold_back(job, wanted=(), keep_warm=60))
+    ['w0', 'w1']
     """
-    ok = [
+    wanted = set(wanted)
+    held = {
         w
         for w, v in workers.items()
-        if v.idle
-        and not (v.warm & set(wanted))
-        and not (v.warm and v.idle_for < keep_warm)
-    ]
-    return sorted(ok, key=lambda w: (len(workers[w].warm), workers[w].nbytes, w))
+        if v.warm and (v.warm & wanted or v.idle_for < keep_warm)
+    }
+    groups = {workers[w].group for w in held} - {None}
+    held |= {w for w, v in workers.items() if v.group in groups}
+    return held
 
 
 def workers_wanted(

@@ -1,33 +1,44 @@
 """The SchedulerPlugin: keep context tasks on warm workers.
 
-How a task annotated with ``context="A"`` travels:
+How a task that needs context ``"A"`` travels:
 
 1. ``update_graph`` (before the scheduler places anything) parks it: a strict
    restriction to an address no worker has, so it waits in ``no-worker`` instead of
    going to whichever worker is free. Work stealing never moves it to a cold worker.
+   Only tasks that may run user code are parked: Dask's own plumbing (aliases, a
+   bag's aggregate, finalize steps) schedules as usual.
 2. The ``transition`` hook sees it arrive in ``no-worker`` and queues it, by
    priority, in context A's queue.
 3. ``_feed`` hands queued tasks to the workers A is *allowed* on (warm, warming, or
-   chosen to warm), a few per worker at a time (threads + ``prefetch``): only those
-   are lost if the worker is preempted, and the rest stay free to go elsewhere.
+   chosen to warm), a few per worker at a time (threads + ``prefetch``; one while
+   the worker is still loading A): only those are lost if the worker is preempted,
+   and the rest stay free to go elsewhere.
 4. ``_replan`` asks :func:`dask_context.policy.plan_routes` which workers each
    context may use: a cold worker is added only when the backlog per allowed worker
-   is longer than a load.
+   is longer than a load. The evictions that implies are asked of the worker before
+   it gets tasks of the new context, so that router and worker agree.
 
-Workers report loads and evictions with ``Worker.log_event`` (topic
-``"dask-context"``), which reaches :meth:`ContextRouter.log_event`. When a worker
-leaves, the scheduler releases its tasks and they come back to step 2; lost results
-are recomputed by Dask as usual.
+Workers report loads, evictions and failed loads with ``Worker.log_event`` (topic
+``"dask-context"``), which reaches :meth:`ContextRouter.log_event`. A failed load
+takes that worker out of the context's workers for a while and its task comes back
+to the queue; the tasks fail with the loader's error only when the context fails
+everywhere. When a worker leaves, the scheduler releases its tasks and they come
+back to step 2; lost results are recomputed by Dask as usual.
+
+Every hook is fail-safe: an error inside the router is logged and the tasks it
+concerns are handed back to Dask's own scheduling, never left parked. The state
+lives in :class:`dask_context.state.RouterState`.
 """
 
 from __future__ import annotations
 
-import heapq
+import asyncio
 import logging
 import math
+import pickle
 import time
 from collections import Counter, defaultdict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import dask.config
@@ -36,17 +47,20 @@ from distributed import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
 from dask_context import _compat, config
-from dask_context.errors import DuplicateContextError
+from dask_context.errors import DuplicateContextError, UnknownContextError, error_payload
 from dask_context.metrics import register_collector, unregister_collector
 from dask_context.policy import (
     ContextView,
     Resident,
     RetireView,
     WorkerView,
+    hold_back,
+    load_failed_everywhere,
     plan_routes,
-    retire_order,
     workers_wanted,
 )
+from dask_context.spec import ContextSpec, differences, from_config
+from dask_context.state import ContextRecord, RoutedTask, RouterState, WorkerRecord
 from dask_context.worker import ROUTER_METADATA, TOPIC
 
 if TYPE_CHECKING:
@@ -55,6 +69,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# topic of the warnings the router has for users; register() shows them on the client
+WARNINGS = "dask-context-warnings"
 
 
 def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
@@ -71,64 +87,78 @@ def _key(key: Any) -> Hashable:
     return tuple(_key(k) for k in key) if isinstance(key, list) else key
 
 
-class ContextStats:
-    """Counters per context, for reports and Prometheus."""
+def declared_specs() -> list[ContextSpec]:
+    """The contexts declared in the ``dask-context.contexts`` setting.
 
-    def __init__(self) -> None:
-        self.loads: Counter[str] = Counter()
-        self.load_seconds: Counter[str] = Counter()
-        self.evictions: Counter[str] = Counter()
-        self.failures: Counter[str] = Counter()
-        self.tasks: Counter[str] = Counter()
-        self.warmups: Counter[str] = Counter()
-        self.requeued: Counter[str] = Counter()
+    Raises
+    ------
+    SettingError
+        If an entry is malformed or its loader cannot be imported (the message
+        names the setting and the module).
+    """
+    return [
+        from_config(entry, f"dask-context.contexts[{i}]")
+        for i, entry in enumerate(config.get("contexts") or [])
+    ]
 
 
 class ContextRouter(SchedulerPlugin):
     """Route tasks that need a context to workers that hold it.
 
     Register it with :func:`dask_context.register` (which also registers the
-    worker side), or by hand with ``client.register_plugin(ContextRouter())``
-    followed by the ``dask_context_register`` handler. Registering it again is a
-    no-op (``idempotent``), so every client of a shared cluster may do it.
+    worker side), by hand with ``client.register_plugin(ContextRouter())``, or in
+    the scheduler process with ``dask scheduler --preload dask_context``.
+    Registering it again is a no-op (``idempotent``), so every client of a shared
+    cluster may do it.
+
+    Parameters
+    ----------
+    contexts
+        Contexts known from the start, besides those of the ``dask-context.contexts``
+        setting (which the router reads when it starts).
     """
 
     name = "dask-context"
     idempotent = True
 
-    def __init__(self) -> None:
+    def __init__(self, contexts: Iterable[ContextSpec] = ()):
+        self.initial = [spec.info() for spec in contexts]
         self.scheduler: Scheduler | None = None
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, scheduler: Scheduler) -> None:
         _compat.check_version()
         self.scheduler = scheduler
-        self.specs: dict[str, dict[str, Any]] = {}
-        self.queues: dict[str, list[tuple[Any, Hashable]]] = defaultdict(list)
-        self.queued: dict[str, Counter[str]] = defaultdict(Counter)
-        self.allowed: dict[str, set[str]] = defaultdict(set)
-        self.assigned: dict[Hashable, tuple[str, str]] = {}
-        self.inflight: Counter[str] = Counter()
-        self.budget: dict[str, float] = {}
-        self.resident: dict[str, dict[str, int]] = defaultdict(dict)
-        self.warming: dict[str, dict[str, float]] = defaultdict(dict)
-        self.last_used: dict[str, dict[str, float]] = defaultdict(dict)
-        self.idle_since: dict[str, float] = {}
-        self.load_time: dict[str, float] = {}
-        self.nbytes: dict[str, int] = {}
+        self.state = RouterState()
         self.durations: dict[str, float] = {}
-        self.load_keys: dict[Hashable, float] = {}
-        self.stats = ContextStats()
-        self._unknown_warned: set[str] = set()
+        self.typical_duration: float | None = None
+        # task group -> the context its tasks use (None: they use none, or several)
+        self.learned: dict[str, str | None] = {}
+        self._settings_by_nanny: dict[str, dict[str, Any]] = {}
+        self._cluster_settings: dict[str, Any] | None = None
+        self._grouping: Any = None
+        self._warned: set[str] = set()
+        # contexts unregistered here: workers still tearing them down must not
+        # bring them back by announcing what they hold
+        self._unregistered: set[str] = set()
+        self._background: set[asyncio.Task] = set()
         self._wake_pending = False
         self._replan_wanted = True
+        self._ticks = 0
         self.prefetch = int(config.get("scheduler.prefetch"))
-        self.default_load_time = parse_timedelta(config.get("scheduler.default-load-time"))
-        self.keep_warm = parse_timedelta(config.get("adaptive.keep-warm"))
-        self.startup_time = parse_timedelta(config.get("adaptive.startup-time"))
+        self.interval = config.get_seconds("scheduler.interval")
+        self.default_load_time = config.get_seconds("scheduler.default-load-time")
+        self.failed_limit = int(config.get("scheduler.failed-load-workers"))
+        self.retry = config.get_seconds("worker.failed-load-retry")
+        self.keep_warm = config.get_seconds("adaptive.keep-warm")
+        self.startup_time = config.get_seconds("adaptive.startup-time")
         self.unknown_duration = parse_timedelta(
             dask.config.get("distributed.scheduler.unknown-task-duration")
         )
+        for info in [*self.initial, *(spec.info() for spec in declared_specs())]:
+            self.state.add_context(info)
+        for address, ws in scheduler.workers.items():
+            self.state.add_worker(address, ws.nthreads)
 
         if scheduler.no_workers_timeout:
             logger.warning(
@@ -140,15 +170,21 @@ class ContextRouter(SchedulerPlugin):
         scheduler.handlers.update(
             {
                 "dask_context_register": self.register,
+                "dask_context_unregister": self.unregister,
                 "dask_context_report": self.report,
                 "dask_context_target": self.adaptive_target,
+                "dask_context_settings": self.worker_settings,
+                "dask_context_worker": self.worker_joined,
+                "dask_context_workers_to_close": self.workers_to_close,
             }
         )
-        interval = parse_timedelta(config.get("scheduler.interval")) * 1000
-        pc = PeriodicCallback(self._periodic, interval)
+        pc = PeriodicCallback(self._periodic, self.interval * 1000)
         scheduler.periodic_callbacks["dask-context"] = pc
         pc.start()
         self._collector = register_collector(self)
+        if any(name.startswith("dask-context-") for name in scheduler.worker_plugins):
+            # context plugins were set up before this router: ask what workers hold
+            await self._survey()
 
     async def close(self) -> None:
         if self.scheduler is None:
@@ -157,191 +193,386 @@ class ContextRouter(SchedulerPlugin):
         pc = self.scheduler.periodic_callbacks.pop("dask-context", None)
         if pc is not None:
             pc.stop()
+        for task in self._background:
+            task.cancel()
         unregister_collector(self._collector)
 
+    async def _survey(self) -> None:
+        """Learn what workers that were set up before the router hold."""
+        replies = await self.scheduler.broadcast(msg={"op": "dask_context_state"}, on_error="return")
+        for address, reply in replies.items():
+            if isinstance(reply, dict):
+                self.worker_joined(address, **reply)
+
     # ------------------------------------------------------------ handlers
-    def register(self, specs: list[dict[str, Any]], replace: bool = False, known_ok: bool = False) -> list[str]:
+    def register(self, specs: list[dict[str, Any]], replace: bool = False) -> dict[str, str]:
         """Scheduler handler: learn the contexts workers can load.
 
-        Parameters
-        ----------
-        specs
-            ``ContextSpec.info()`` of each context.
-        replace
-            Replace contexts registered under the same names.
-        known_ok
-            Skip names already registered (worker plugins announcing themselves).
+        Returns, per name, ``"added"``, ``"unchanged"`` (the identical spec is
+        registered: nothing happens, warm copies stay) or ``"replaced"``.
 
         Raises
         ------
         DuplicateContextError
-            If a name is already registered and neither flag is set.
+            If a different spec is registered under a name and ``replace`` is false.
         """
-        if known_ok:
-            specs = [info for info in specs if info["name"] not in self.specs]
+        status = {}
         for info in specs:
-            if info["name"] in self.specs and not replace:
+            ctx = self.state.contexts.get(info["name"])
+            if ctx is None:
+                status[info["name"]] = "added"
+            elif ctx.token == info["token"]:
+                status[info["name"]] = "unchanged"
+            elif replace:
+                status[info["name"]] = "replaced"
+            else:
+                differ = ", ".join(differences(ctx.fields, info["fields"]))
                 raise DuplicateContextError(
-                    f"context {info['name']!r} is already registered on this cluster; "
-                    "pass replace=True to replace it"
+                    f"context {info['name']!r} is already registered with a different "
+                    f"{differ}; pass replace=True to replace it (its warm copies are "
+                    "dropped and it loads again on first use)"
                 )
         for info in specs:
-            self.specs[info["name"]] = dict(info)
-            if info.get("memory") is not None:
-                self.nbytes[info["name"]] = int(info["memory"])
+            self._unregistered.discard(info["name"])
+            if status[info["name"]] != "unchanged":
+                self._forget_learned(info["name"])
+                self.state.add_context(info)
         self._wake(replan=True)
-        return sorted(self.specs)
+        return status
+
+    def unregister(self, names: list[str]) -> list[str]:
+        """Scheduler handler: forget contexts; their queued tasks fail.
+
+        Raises
+        ------
+        UnknownContextError
+            If a name is not registered.
+        """
+        for name in names:
+            if name not in self.state.contexts:
+                raise UnknownContextError(name, list(self.state.contexts))
+        stimulus_id = f"dask-context-unregister-{time.time()}"
+        for name in names:
+            waiting = []
+            for task in self.state.remove_context(name):
+                ts = self.scheduler.tasks.get(task.key)
+                if ts is None:
+                    continue
+                _compat.unpark(ts)
+                if ts.state == "no-worker":
+                    waiting.append(task.key)
+            self._forget_learned(name)
+            self._unregistered.add(name)
+            error = UnknownContextError(name, list(self.state.contexts))
+            _compat.fail(self.scheduler, waiting, error_payload(error), stimulus_id)
+        self._wake(replan=True)
+        return sorted(self.state.contexts)
+
+    def worker_settings(self, worker: str, nanny: str | None, settings: dict[str, Any]) -> dict[str, Any]:
+        """Scheduler handler: the settings a worker should use.
+
+        A worker's own settings win when they differ from the defaults. A worker with
+        default settings whose nanny's previous worker (or, failing that, the
+        cluster's workers) had others gets those: ``dask.config.set`` around a
+        cluster's creation does not reach workers the nanny restarts or the cluster
+        adds later.
+        """
+        if settings != config.default("worker"):
+            if nanny:
+                self._settings_by_nanny[nanny] = settings
+            self._cluster_settings = settings
+            return settings
+        inherited = self._settings_by_nanny.get(nanny or "") or self._cluster_settings
+        if inherited is not None:
+            logger.info("Worker %s gets the settings of the cluster's workers: %s", worker, inherited)
+            return inherited
+        return settings
+
+    def worker_joined(
+        self, worker: str, budget: float, device: str, job: str | None,
+        specs: dict[str, dict[str, Any]], resident: dict[str, int], loading: list[str],
+    ) -> None:
+        """Scheduler handler: a worker's contexts (its plugins just set one up)."""
+        ws = self.scheduler.workers.get(worker)
+        if ws is None:
+            return
+        w = self.state.add_worker(worker, ws.nthreads)
+        w.budget, w.job = float(budget), job
+        self._specs(w, specs)
+        self._resident(w, resident)
+        w.loading = {c for c in loading if c in self.state.contexts}
+        for c in w.loading:
+            self.state.contexts[c].allowed.add(worker)
+        self._wake(replan=True)
 
     def report(self) -> dict[str, Any]:
         """Scheduler handler: plain-data summary of every context and worker."""
-        s = self.stats
+        st = self.state
         contexts = {}
-        for c in sorted(self.specs):
-            contexts[c] = {
-                "loads": s.loads[c],
-                "load_seconds": s.load_seconds[c],
-                "load_time": self.load_time.get(c),
-                "nbytes": self.nbytes.get(c),
-                "evictions": s.evictions[c],
-                "failures": s.failures[c],
-                "tasks": s.tasks[c],
-                "warmups": s.warmups[c],
-                "requeued": s.requeued[c],
-                "queued": sum(self.queued[c].values()),
-                "warm": sorted(w for w, held in self.resident.items() if c in held),
-                "allowed": sorted(self.allowed[c]),
+        for name in sorted(st.contexts):
+            c = st.contexts[name]
+            contexts[name] = {
+                "loads": c.loads,
+                "load_seconds": c.load_seconds,
+                "load_time": c.load_time,
+                "nbytes": c.nbytes,
+                "memory": c.memory,
+                "evictions": c.evictions,
+                "failures": c.failures,
+                "tasks": c.tasks,
+                "hits": c.hits,
+                "warmups": c.warmups,
+                "requeued": c.requeued,
+                "queued": c.waiting,
+                "running": sum(w.inflight(name) for w in st.workers.values()),
+                "warm": sorted(a for a, w in st.workers.items() if name in w.resident),
+                "loading": sorted(a for a, w in st.workers.items() if name in w.loading),
+                "allowed": sorted(c.allowed),
+                "failed_on": sorted(c.failed_on),
+                "error": c.error["exception_text"] if c.error else None,
             }
         workers = {
-            w: {
-                "budget": self.budget.get(w),
-                "resident": dict(self.resident.get(w, {})),
-                "inflight": self.inflight[w],
+            a: {
+                "budget": w.budget,
+                "resident": dict(w.resident),
+                "loading": sorted(w.loading),
+                "inflight": w.inflight(),
+                "job": w.job,
+                "draining": w.draining,
             }
-            for w in sorted(self.scheduler.workers)
+            for a, w in sorted(st.workers.items())
         }
         return {"contexts": contexts, "workers": workers}
 
     # ------------------------------------------------------------ graph intake
-    def update_graph(self, scheduler: Scheduler, *, annotations: dict[str, dict] | None = None, **kwargs: Any) -> None:
-        """Park every new context task before the scheduler places it."""
-        for key, name in (annotations or {}).get("context", {}).items():
-            if not self._known(name):
-                continue
-            ts = scheduler.tasks.get(key)
-            if ts is not None and ts.state == "released" and ts.run_spec is not None:
-                _compat.park(ts)
+    def update_graph(
+        self, scheduler: Scheduler, *, tasks: list[Hashable] = (),
+        annotations: dict[str, dict] | None = None, **kwargs: Any,
+    ) -> None:
+        """Park every new task that needs a context, before the scheduler places it."""
+        routed: list[Hashable] = []
+        try:
+            for key, name in (annotations or {}).get("context", {}).items():
+                ts = scheduler.tasks.get(key)
+                if ts is not None and self._known(name) and self._routable(ts):
+                    self._route(ts, name)
+                    routed.append(key)
+            if self.learned:
+                for key in tasks:
+                    ts = scheduler.tasks.get(key)
+                    name = self.learned.get(ts.group.name) if ts is not None else None
+                    if name is not None and self._routable(ts):
+                        self._route(ts, name, annotate=True)
+                        routed.append(key)
+        except Exception:
+            self._fail_safe("update_graph", routed)
+
+    def _routable(self, ts: TaskState) -> bool:
+        if ts.state != "released" or ts.run_spec is None or ts.key in self.state.tasks:
+            return False
+        if self.learned.get(ts.group.name, "") is None:
+            return False  # its group is known not to use the context
+        if _compat.user_restricted(ts):
+            self._warn_once(
+                f"restricted:{ts.group.name}",
+                "Tasks of %s are pinned to workers (workers=...): they are not routed",
+                ts.group.name,
+            )
+            return False
+        return _compat.may_call_user_code(ts.run_spec)
+
+    def _route(self, ts: TaskState, name: str, annotate: bool = False) -> RoutedTask:
+        if annotate:
+            # the worker reads the annotation: a failed load sends the task back here
+            ts.annotations = {**(ts.annotations or {}), "context": name}
+        task = self.state.route(ts.key, name, ts.group.name, ts.prefix.name, ts.priority or ())
+        _compat.park(ts)
+        return task
 
     def _known(self, name: Any) -> bool:
-        if isinstance(name, str) and name in self.specs:
+        if isinstance(name, str) and name in self.state.contexts:
             return True
-        if repr(name) not in self._unknown_warned:
-            self._unknown_warned.add(repr(name))
-            logger.warning(
-                "Tasks ask for context %r, which is not registered (known: %s); they "
-                "run unrouted and get_context() will raise UnknownContextError",
-                name, sorted(self.specs),
-            )
+        self._warn_once(
+            f"unknown:{name!r}",
+            "Tasks ask for context %r, which is not registered (known: %s); they run "
+            "unrouted and get_context() will raise UnknownContextError",
+            name, sorted(self.state.contexts),
+        )
         return False
 
-    def _context_of(self, key: Hashable) -> tuple[TaskState, str] | tuple[None, None]:
-        ts = self.scheduler.tasks.get(key)
-        if ts is None or not ts.annotations:
-            return None, None
-        name = ts.annotations.get("context")
-        if isinstance(name, str) and name in self.specs:
-            return ts, name
-        return None, None
+    def _warn_once(self, tag: str, message: str, *args: Any) -> None:
+        if tag not in self._warned:
+            self._warned.add(tag)
+            logger.warning(message, *args)
+            self.scheduler.log_event(WARNINGS, {"message": message % args})
 
+    # ------------------------------------------------------------ transitions
     def transition(self, key: Hashable, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        if start == "processing":
-            placed = self.assigned.pop(key, None)
-            if placed is not None:
-                worker, name = placed
-                self.inflight[worker] -= 1
-                if finish == "memory":
-                    self._finished(key, worker, name, kwargs.get("startstops"))
-                elif finish == "released":
-                    self.stats.requeued[name] += 1
-                self._wake()
-        if start == "no-worker":
-            ts, name = self._context_of(key)
-            if name is not None and self.queued[name][ts.prefix.name] > 0:
-                self.queued[name][ts.prefix.name] -= 1
-        if finish == "no-worker":
-            ts, name = self._context_of(key)
-            if name is not None:
-                heapq.heappush(self.queues[name], (ts.priority, key))
-                self.queued[name][ts.prefix.name] += 1
-                # a context nobody serves yet needs a plan now, not at the next tick
-                self._wake(replan=not self.allowed[name])
-        elif finish == "processing":
-            ts, name = self._context_of(key)
-            if name is not None and ts.processing_on is not None:
-                worker = ts.processing_on.address
-                self.assigned[key] = (worker, name)
-                self.inflight[worker] += 1
-                self.idle_since.pop(worker, None)
-        elif finish == "forgotten":
-            self.load_keys.pop(key, None)
-
-    def _finished(self, key: Hashable, worker: str, name: str, startstops: Any) -> None:
-        self.stats.tasks[name] += 1
-        now = time.monotonic()
-        self.last_used[worker][name] = now
-        if not self.inflight[worker]:
-            self.idle_since[worker] = now
-        seconds = _compat.compute_seconds(startstops)
-        if seconds is None:
+        task = self.state.tasks.get(key)
+        if task is None:
             return
-        # the task that loaded the context ran longer by the load time: take it out
-        seconds = max(0.0, seconds - self.load_keys.pop(key, 0.0))
-        prefix = self.scheduler.tasks[key].prefix.name
-        self.durations[prefix] = _ema(self.durations.get(prefix), seconds)
+        try:
+            self._transition(task, start, finish, kwargs)
+        except Exception:
+            self._fail_safe("transition", [key])
+
+    def _transition(self, task: RoutedTask, start: str, finish: str, kwargs: dict[str, Any]) -> None:
+        st = self.state
+        if start == "processing":
+            w = st.left_worker(task)
+            if finish == "memory":
+                self._finished(task, w, kwargs.get("startstops"))
+            self._wake()
+        elif start == "no-worker":
+            st.dequeue(task)
+        if finish == "no-worker":
+            ts = self.scheduler.tasks[task.key]
+            _compat.park(ts)  # a placement that did not happen leaves {address}
+            st.enqueue(task)
+            # a context nobody serves yet needs a plan now, not at the next tick
+            self._wake(replan=not st.contexts[task.context].allowed)
+        elif finish == "processing":
+            ws = self.scheduler.tasks[task.key].processing_on
+            if ws is not None:
+                st.sent(task, ws.address)
+        elif finish == "released":
+            # lost with its worker, sent back after a failed load, or cancelled:
+            # if it runs again, it comes back through the queue
+            _compat.park(self.scheduler.tasks[task.key])
+        elif finish == "forgotten":
+            st.forget(task.key)
+
+    def _finished(self, task: RoutedTask, w: WorkerRecord | None, startstops: Any) -> None:
+        ctx = self.state.contexts[task.context]
+        ctx.tasks += 1
+        if task.load_seconds is None:
+            ctx.hits += 1
+        if w is not None:
+            w.last_used[task.context] = time.monotonic()
+        seconds = _compat.compute_seconds(startstops)
+        if seconds is not None:
+            # the task that loaded the context ran longer by the load time: take it out
+            seconds = max(0.0, seconds - (task.load_seconds or 0.0))
+            self.durations[task.prefix] = _ema(self.durations.get(task.prefix), seconds)
+            self.typical_duration = _ema(self.typical_duration, seconds, weight=0.05)
+        task.load_seconds = None
 
     # ------------------------------------------------------------ worker events
     def log_event(self, topic: str, msg: Any) -> None:
         if topic != TOPIC or not isinstance(msg, dict):
             return
-        worker = msg.get("worker")
-        if worker not in self.scheduler.workers:
+        try:
+            self._event(msg)
+        except Exception:
+            self._fail_safe("log_event", self._all_waiting())
+
+    def _event(self, msg: dict[str, Any]) -> None:
+        st = self.state
+        w = st.workers.get(msg.get("worker"))
+        if w is None:
             return
-        action = msg.get("action")
-        name = msg.get("context")
-        if action == "hello":
-            self.budget[worker] = float(msg["budget"])
-        elif action == "loading":
-            self.warming[worker][name] = time.monotonic()
-            self.allowed[name].add(worker)
-        elif action == "loaded":
-            self.warming[worker].pop(name, None)
-            self.allowed[name].add(worker)
-            self.stats.loads[name] += 1
-            self.stats.load_seconds[name] += msg["seconds"]
-            self.load_time[name] = _ema(self.load_time.get(name), msg["seconds"])
-            self.nbytes[name] = max(self.nbytes.get(name, 0), int(msg["nbytes"]))
-            if msg.get("key") is not None:
-                self.load_keys[_key(msg["key"])] = msg["seconds"]
-        elif action == "evicted":
-            self.allowed[name].discard(worker)
-            self.stats.evictions[name] += 1
-        elif action == "failed":
-            self.warming[worker].pop(name, None)
-            self.stats.failures[name] += 1
+        if "budget" in msg:
+            w.budget = float(msg["budget"])
         if "resident" in msg:
-            self.resident[worker] = dict(msg["resident"])
+            self._resident(w, msg["resident"])
+        action, name = msg.get("action"), msg.get("context")
+        if action == "specs":
+            self._specs(w, msg["specs"])
+        elif action == "uses":
+            self._learn(msg["group"], name)
+        elif action == "unused":
+            self._unlearn(msg["group"], name)
+        ctx = st.contexts.get(name)
+        if ctx is None:
+            self._wake(replan=True)
+            return
+        if action == "loading":
+            w.loading.add(name)
+            ctx.allowed.add(w.address)
+        elif action == "loaded":
+            w.loading.discard(name)
+            w.chosen.pop(name, None)
+            ctx.allowed.add(w.address)
+            ctx.loads += 1
+            ctx.load_seconds += msg["seconds"]
+            ctx.load_time = _ema(ctx.load_time, msg["seconds"])
+            ctx.nbytes = int(msg["nbytes"])
+            task = st.tasks.get(_key(msg.get("key")))
+            if task is not None:
+                task.load_seconds = msg["seconds"]
+        elif action == "evicted":
+            w.loading.discard(name)
+            w.chosen.pop(name, None)
+            ctx.allowed.discard(w.address)
+            ctx.evictions += 1
+        elif action == "failed":
+            ctx.failures += 1
+            ctx.error = msg.get("payload") or error_payload(RuntimeError(msg.get("error")))
+            st.exclude(ctx, w.address, time.monotonic())
+            logger.warning(
+                "Loading context %r failed on %s (%s); its tasks go to other workers",
+                name, w.address, msg.get("error"),
+            )
         self._wake(replan=True)
+
+    def _specs(self, w: WorkerRecord, specs: dict[str, dict[str, Any]]) -> None:
+        """The specs set up on a worker; a context registered by hand (its worker
+        plugin alone) becomes known here too."""
+        for name, info in specs.items():
+            if name not in self.state.contexts and name not in self._unregistered:
+                self.state.add_context(info)
+        w.specs = {name: info["token"] for name, info in specs.items()}
+
+    def _resident(self, w: WorkerRecord, resident: dict[str, int]) -> None:
+        w.resident = {c: int(n) for c, n in resident.items() if c in self.state.contexts}
+        for c in w.resident:
+            self.state.contexts[c].allowed.add(w.address)
+
+    # ------------------------------------------------------------ learning
+    def _learn(self, group: str, name: str) -> None:
+        """Tasks of ``group`` call ``get_context(name)`` without being marked: route them."""
+        if name not in self.state.contexts or group in self.learned:
+            if self.learned.get(group, name) != name:
+                self.learned[group] = None  # several contexts: leave the group alone
+            return
+        self.learned[group] = name
+        self._warn_once(
+            f"learned:{group}",
+            "Tasks of %s call get_context(%r) but were not marked as needing it; the "
+            "rest of them are routed now. Build or compute them inside "
+            "dask_context.use(%r) (or use @dask_context.delayed) so that all are.",
+            group, name, name,
+        )
+        pending = []
+        for ts in _compat.tasks_of_group(self.scheduler, group):
+            if ts.state in ("released", "waiting", "queued", "no-worker") and self._routable_later(ts):
+                self._route(ts, name, annotate=True)
+                pending.append(ts)
+        self._later(_compat.reschedule, pending)
+
+    def _routable_later(self, ts: TaskState) -> bool:
+        return ts.key not in self.state.tasks and ts.run_spec is not None and not _compat.user_restricted(ts)
+
+    def _unlearn(self, group: str, name: str) -> None:
+        """Tasks of ``group`` were marked as needing ``name`` but never asked for it."""
+        self.learned[group] = None
+        tasks = [t for t in self.state.tasks.values() if t.group == group and t.worker is None]
+        self._release([t.key for t in tasks])
+
+    def _forget_learned(self, name: str) -> None:
+        for group in [g for g, c in self.learned.items() if c == name]:
+            del self.learned[group]
 
     # ------------------------------------------------------------ membership
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        self.idle_since[worker] = time.monotonic()
+        self.state.add_worker(worker, scheduler.workers[worker].nthreads)
         self._wake(replan=True)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
-        for allowed in self.allowed.values():
-            allowed.discard(worker)
-        for table in (self.budget, self.resident, self.warming, self.last_used, self.idle_since):
-            table.pop(worker, None)
-        self.inflight.pop(worker, None)
+        try:
+            self.state.remove_worker(worker)
+        except Exception:
+            self._fail_safe("remove_worker", self._all_waiting())
         self._wake(replan=True)
 
     # ------------------------------------------------------------ routing
@@ -353,25 +584,25 @@ class ContextRouter(SchedulerPlugin):
             self.scheduler.loop.add_callback(self._run)
 
     def _periodic(self) -> None:
+        self._ticks += 1
         self._replan_wanted = True
+        if self._ticks % 5 == 0:
+            self._reconcile(full=self._ticks % 25 == 0)
+        if self._ticks % 50 == 0:
+            self.learned = {g: c for g, c in self.learned.items() if g in self.scheduler.task_groups}
         self._run()
 
     def _run(self) -> None:
         self._wake_pending = False
-        if self._replan_wanted:
-            self._replan_wanted = False
-            self._replan()
-        self._feed()
-
-    def _head(self, name: str) -> TaskState | None:
-        """Most urgent task still waiting in ``name``'s queue (drops stale entries)."""
-        queue = self.queues[name]
-        while queue:
-            ts = self.scheduler.tasks.get(queue[0][1])
-            if ts is not None and ts.state == "no-worker":
-                return ts
-            heapq.heappop(queue)
-        return None
+        try:
+            self.state.expire_failures(time.monotonic(), self.retry)
+            self._fail_hopeless()
+            if self._replan_wanted:
+                self._replan_wanted = False
+                self._replan()
+            self._feed()
+        except Exception:
+            self._fail_safe("routing", self._all_waiting())
 
     def _views(self, routing: bool = True) -> tuple[dict[str, ContextView], dict[str, WorkerView]]:
         """Plain-data views for the policies.
@@ -380,136 +611,302 @@ class ContextRouter(SchedulerPlugin):
         (see :meth:`_duration`); scaling must not, or adapt would cancel the jobs it
         has just asked for whenever a first load outlasts its ``wait_count``.
         """
+        st = self.state
         running = {ws.address: ws for ws in _compat.running_workers(self.scheduler)}
+        records = {a: st.workers[a] for a in running if a in st.workers}
         contexts = {}
-        inflight = {name for _, name in self.assigned.values()}
-        for c in self.specs:
-            head = self._head(c)
-            counts = self.queued[c]
+        now = time.monotonic()
+        for c, ctx in st.contexts.items():
+            head = st.head(ctx)
             # a measured load against a guessed duration would warm workers on no
             # evidence; guesses on both sides (before the first load) are comparable
-            measuring = routing and c in inflight and c in self.load_time
+            measuring = routing and ctx.load_time is not None and any(
+                w.inflight(c) for w in records.values()
+            )
             contexts[c] = ContextView(
-                queued=sum(counts.values()),
-                backlog=sum(n * self._duration(p, measuring) for p, n in counts.items()),
-                load_time=self._load_time(c),
-                nbytes=self.nbytes.get(c, 0),
-                allowed=frozenset(self.allowed[c]),
+                queued=ctx.waiting,
+                backlog=sum(n * self._duration(p, measuring) for p, n in ctx.by_prefix.items()),
+                load_time=self._load_time(ctx),
+                nbytes=ctx.size(),
+                allowed=frozenset(ctx.allowed),
                 first=head.priority if head is not None else (),
+                excluded=frozenset(a for a, w in records.items() if not self._can_load(w, ctx)),
+                waited=now - ctx.since if ctx.since is not None else 0.0,
             )
         workers = {}
-        for w, ws in running.items():
-            held = {
-                c: Resident(n, self.last_used[w].get(c, 0.0))
-                for c, n in self.resident.get(w, {}).items()
-            }
-            for c in self.warming.get(w, {}):
-                held.setdefault(c, Resident(self.nbytes.get(c, 0), math.inf))
-            workers[w] = WorkerView(
-                budget=self.budget.get(w, math.inf),
+        for a, w in records.items():
+            held = {c: Resident(n, w.last_used.get(c, 0.0)) for c, n in w.resident.items()}
+            for c in (*w.loading, *w.chosen):
+                size = st.contexts[c].size() if c in st.contexts else None
+                if size is None:
+                    size = 0 if w.budget is None or math.isinf(w.budget) else int(w.budget)
+                held.setdefault(c, Resident(size, math.inf))
+            workers[a] = WorkerView(
+                budget=math.inf if w.budget is None else w.budget,
                 resident=held,
-                inflight=_compat.processing_count(ws),
+                inflight=_compat.processing_count(running[a]),
+                busy=frozenset(w.tasks),
             )
         return contexts, workers
+
+    def _can_load(self, w: WorkerRecord, ctx: ContextRecord) -> bool:
+        """The worker has this spec set up, has not failed to load it, is not leaving."""
+        return w.specs.get(ctx.name) == ctx.token and ctx.name not in w.failed and not w.draining
 
     def _duration(self, prefix: str, measuring: bool) -> float:
         """Estimated seconds of a task of ``prefix``.
 
-        An unknown duration counts as distributed's ``unknown-task-duration``, except
+        An unknown duration counts as the average of the context tasks measured so
+        far (distributed's ``unknown-task-duration`` before any), except
         (``measuring``) when the context's load time is already measured and one of
         its tasks is running: its duration is due soon.
         """
         known = self.durations.get(prefix)
         if known is not None:
             return known
-        return 0.0 if measuring else self.unknown_duration
+        if measuring:
+            return 0.0
+        # tasks of a new prefix are guessed to take as long as the context tasks
+        # seen so far, before any: distributed's unknown-task-duration
+        return self.typical_duration if self.typical_duration is not None else self.unknown_duration
 
-
-    def _load_time(self, name: str) -> float:
-        if name in self.load_time:
-            return self.load_time[name]
-        hint = self.specs[name].get("load_time")
-        return self.default_load_time if hint is None else hint
+    def _load_time(self, ctx: ContextRecord) -> float:
+        if ctx.load_time is not None:
+            return ctx.load_time
+        return self.default_load_time if ctx.load_time_hint is None else ctx.load_time_hint
 
     def _replan(self) -> None:
+        st = self.state
+        self._drop_stale_choices()
         contexts, workers = self._views()
-        plan = plan_routes(contexts, workers)
+        plan = plan_routes(contexts, workers, settle=self.interval)
         now = time.monotonic()
         for name, added in plan.add.items():
-            for w in added:
-                if name not in self.resident.get(w, {}):
-                    self.warming[w][name] = now
-                    self.stats.warmups[name] += 1
-                logger.debug("Context %r may now run on %s", name, w)
-            self.allowed[name] |= added
-        for w, evicted in plan.evict.items():
-            for name in evicted:
-                self.allowed[name].discard(w)
+            ctx = st.contexts[name]
+            for address in added:
+                w = st.workers[address]
+                if not w.holds(name) and name not in w.chosen:
+                    w.chosen[name] = now
+                    ctx.warmups += 1
+                logger.debug("Context %r may now run on %s", name, address)
+            ctx.allowed |= added
+        for address, victims in plan.evict.items():
+            w = st.workers[address]
+            for name in victims:
+                st.contexts[name].allowed.discard(address)
+                w.chosen.pop(name, None)
+            held = [v for v in victims if v in w.resident or v in w.loading]
+            if held:
+                w.evicting.update(held)
+                self._spawn(self._evict(address, held))
+
+    def _drop_stale_choices(self) -> None:
+        """Forget warm-up choices that no longer have work, and allowed workers that
+        neither hold a context nor were chosen for it."""
+        st = self.state
+        for ctx in st.contexts.values():
+            for address in list(ctx.allowed):
+                w = st.workers.get(address)
+                if w is None or not self._can_load(w, ctx):
+                    ctx.allowed.discard(address)
+                    if w is not None:
+                        w.chosen.pop(ctx.name, None)
+                elif ctx.name in w.chosen and not ctx.waiting and not w.inflight(ctx.name):
+                    if not w.holds(ctx.name):
+                        ctx.allowed.discard(address)
+                    del w.chosen[ctx.name]
+                elif not (w.holds(ctx.name) or ctx.name in w.chosen or w.inflight(ctx.name)):
+                    ctx.allowed.discard(address)
+
+    async def _evict(self, address: str, names: list[str]) -> None:
+        """Ask a worker to evict ``names`` before it warms up what replaces them."""
+        try:
+            evicted = await self.scheduler.rpc(address).dask_context_evict(names=names)
+        except Exception as exc:  # the worker left; remove_worker cleans up
+            logger.info("Could not ask %s to evict %s: %r", address, names, exc)
+            evicted = []
+        w = self.state.workers.get(address)
+        if w is not None:
+            w.evicting.difference_update(names)
+            if set(names) - set(evicted):
+                # a task there still needs it: the warm-up that needed the room waits
+                for name in [c for c in w.chosen if not w.holds(c)]:
+                    del w.chosen[name]
+                    self.state.contexts[name].allowed.discard(address)
+        self._wake(replan=True)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _feed(self) -> None:
         """Hand queued context tasks to allowed workers with free slots."""
-        serving: dict[str, list[str]] = defaultdict(list)
-        waiting: dict[str, int] = {}
-        for name, workers in self.allowed.items():
-            if self._head(name) is not None:
-                waiting[name] = sum(self.queued[name].values())
-                for w in workers:
-                    serving[w].append(name)
+        st = self.state
+        serving: dict[str, list[ContextRecord]] = defaultdict(list)
+        for ctx in st.contexts.values():
+            if ctx.waiting:
+                for address in ctx.allowed:
+                    serving[address].append(ctx)
         placements: list[tuple[TaskState, str]] = []
-        placed: set[Hashable] = set()
-        for ws in _compat.running_workers(self.scheduler):
-            names = serving.get(ws.address)
-            if not names:
+        for address, contexts in serving.items():
+            ws = self.scheduler.workers.get(address)
+            w = st.workers.get(address)
+            if ws is None or w is None or w.draining or not _compat.is_running(self.scheduler, ws):
+                continue
+            usable = [
+                c for c in contexts
+                if self._can_load(w, c) and (c.name in w.resident or not w.evicting)
+            ]
+            if not usable:
                 continue
             # prefetch only while there is work for every worker serving these
             # contexts: at the tail, a prefetched task would wait behind a running
             # one while another warm worker idles
-            queued = sum(waiting[c] for c in names)
-            peers = len(set().union(*(self.allowed[c] for c in names)))
+            queued = sum(c.waiting for c in usable)
+            peers = len(set().union(*(c.allowed for c in usable)))
             extra = self.prefetch if queued > peers else 0
-            free = ws.nthreads + extra - self.inflight[ws.address]
-            while names and free > 0:
-                heads = [(ts.priority, c) for c in names if (ts := self._head(c))]
+            free = ws.nthreads + extra - _compat.processing_count(ws)
+            taken: Counter[str] = Counter()
+            while free > 0:
+                heads = []
+                for c in usable:
+                    # a worker still loading a context gets one of its tasks, not a
+                    # second thread that would only wait for the load
+                    if c.name not in w.resident and w.inflight(c.name) + taken[c.name] >= 1:
+                        continue
+                    task = st.head(c)
+                    if task is not None:
+                        heads.append((task.priority, task.seq, c))
                 if not heads:
                     break
-                _, c = min(heads)
-                _, key = heapq.heappop(self.queues[c])
-                if key not in placed:
-                    placed.add(key)
-                    placements.append((self.scheduler.tasks[key], ws.address))
-                    free -= 1
-        if not placements:
+                _, _, c = min(heads)
+                task = st.pop_head(c)
+                ts = self.scheduler.tasks[task.key]
+                if not _compat.fits_resources(ts, ws):
+                    st.enqueue(task)
+                    usable.remove(c)
+                    continue
+                placements.append((ts, address))
+                taken[c.name] += 1
+                free -= 1
+        if placements:
+            _compat.send(self.scheduler, placements, f"dask-context-feed-{time.time()}")
+
+    def _fail_hopeless(self) -> None:
+        """Fail the queued tasks of contexts whose load failed everywhere it was tried."""
+        st = self.state
+        running = {ws.address for ws in _compat.running_workers(self.scheduler)}
+        for ctx in st.contexts.values():
+            if not ctx.waiting or ctx.error is None or not ctx.failed_on:
+                continue
+            serving = any(w.holds(ctx.name) for w in st.workers.values())
+            if load_failed_everywhere(ctx.failed_on.keys(), running, serving, self.failed_limit):
+                keys = [t.key for t in st.waiting_tasks(ctx)]
+                logger.error(
+                    "Context %r failed to load on %d worker(s) (%s): failing %d queued task(s)",
+                    ctx.name, len(ctx.failed_on), ctx.error["exception_text"], len(keys),
+                )
+                _compat.fail(self.scheduler, keys, ctx.error, f"dask-context-failed-{time.time()}")
+
+    # ------------------------------------------------------------ fail-safe
+    def _all_waiting(self) -> list[Hashable]:
+        return [t.key for t in self.state.tasks.values() if t.seq is not None]
+
+    def _fail_safe(self, where: str, keys: list[Hashable]) -> None:
+        """An error inside the router: hand the tasks concerned back to Dask."""
+        logger.error(
+            "dask-context router failed in %s; %d task(s) go back to Dask's own scheduling",
+            where, len(keys), exc_info=True,
+        )
+        try:
+            self._release(keys)
+        except Exception:
+            logger.critical("dask-context could not hand tasks back to Dask", exc_info=True)
+
+    def _release(self, keys: list[Hashable]) -> None:
+        """Stop routing ``keys``: their tasks schedule as plain Dask tasks from now on."""
+        pending = []
+        for key in keys:
+            self.state.forget(key)
+            ts = self.scheduler.tasks.get(key)
+            if ts is not None and _compat.is_parked(ts):
+                _compat.unpark(ts)
+                pending.append(ts)
+        self._later(_compat.reschedule, pending)
+
+    def _later(self, fn: Any, tasks: list[TaskState]) -> None:
+        """Run ``fn(scheduler, tasks, stimulus_id)`` after the current transitions."""
+        if tasks:
+            self.scheduler.loop.add_callback(
+                fn, self.scheduler, tasks, f"dask-context-{fn.__name__}-{time.time()}"
+            )
+
+    def _reconcile(self, full: bool) -> None:
+        """Guarantee that no parked task is stranded: each is queued, or given back."""
+        waiting = sum(c.waiting for c in self.state.contexts.values())
+        if not full and len(self.scheduler.unrunnable) == waiting:
             return
-        stimulus_id = f"dask-context-feed-{time.time()}"
-        for ts in _compat.send(self.scheduler, placements, stimulus_id):
-            heapq.heappush(self.queues[self._context_of(ts.key)[1]], (ts.priority, ts.key))
+        stranded = []
+        for ts in list(_compat.parked_unrunnable(self.scheduler)):
+            task = self.state.tasks.get(ts.key)
+            if task is None or task.context not in self.state.contexts:
+                stranded.append(ts.key)
+            elif task.seq is None:
+                logger.warning("dask-context re-queues %r, which was parked but not queued", ts.key)
+                self.state.enqueue(task)
+        if stranded:
+            logger.error("dask-context found %d parked task(s) it does not route; giving them back", len(stranded))
+            self._release(stranded)
 
     # ------------------------------------------------------------ adaptive
     def valid_workers_downscaling(self, scheduler: Scheduler, workers: list[WorkerState]) -> list[WorkerState]:
-        """Keep warm workers out of scale-in while they are worth keeping.
+        """Keep warm workers worth keeping out of scale-in, with their whole group.
 
         Any scale-in that goes through ``Scheduler.workers_to_close`` (``Adaptive``,
-        dask-jobqueue's ``adapt``, ``retire_workers(n=...)``) asks this. Busy workers,
-        workers warm for a context with queued work, and warm workers idle for less
-        than ``dask-context.adaptive.keep-warm`` stay. While a cold worker may go,
-        warm ones wait for a later round: cold workers are retired first.
+        dask-jobqueue's ``adapt``, ``retire_workers(n=...)``) asks this. It holds
+        back only workers warm for a context that has work, or warm and used less
+        than ``dask-context.adaptive.keep-warm`` ago, and with each of them every
+        worker of its group (its batch job, or the ``key=`` groups of
+        :class:`~dask_context.ContextAdaptive`). Busy and cold workers are left to
+        Dask's own rules.
         """
-        contexts, _ = self._views()
-        wanted = {c for c, v in contexts.items() if v.queued}
+        try:
+            return self._downscaling(workers)
+        except Exception:
+            logger.error("dask-context scale-in filter failed; Dask decides alone", exc_info=True)
+            return workers
+
+    def _downscaling(self, workers: list[WorkerState]) -> list[WorkerState]:
+        st = self.state
+        if not any(w.resident for w in st.workers.values()):
+            return workers
         now = time.monotonic()
-        views = {
-            ws.address: RetireView(
-                idle=not _compat.processing_count(ws),
-                warm=frozenset(self.resident.get(ws.address, {})),
-                idle_for=now - self.idle_since.get(ws.address, now),
-                nbytes=_compat.results_nbytes(ws),
-            )
-            for ws in workers
+        views = {}
+        for address, ws in self.scheduler.workers.items():
+            w = st.workers.get(address)
+            if w is None:
+                continue
+            group = self._grouping(ws) if self._grouping is not None else w.job
+            idle_for = 0.0 if w.tasks else max(0.0, now - w.idle_since)
+            views[address] = RetireView(warm=frozenset(w.resident), idle_for=idle_for, group=group)
+        wanted = {c for c, ctx in st.contexts.items() if ctx.waiting} | {
+            c for w in st.workers.values() for c in w.tasks
         }
-        order = retire_order(views, wanted, self.keep_warm)
-        cold = {w for w in order if not views[w].warm}
-        keep = cold or set(order)
-        return [ws for ws in workers if ws.address in keep]
+        held = hold_back(views, wanted, self.keep_warm)
+        return [ws for ws in workers if ws.address not in held]
+
+    def workers_to_close(self, key: bytes | None = None, **kwargs: Any) -> list[str]:
+        """Scheduler handler: ``Scheduler.workers_to_close`` with groups known here.
+
+        :class:`~dask_context.ContextAdaptive` calls this instead of the scheduler's
+        own handler so that the scale-in filter holds back whole ``key=`` groups.
+        """
+        self._grouping = pickle.loads(key) if key else None
+        try:
+            return self.scheduler.workers_to_close(key=self._grouping, **kwargs)
+        finally:
+            self._grouping = None
 
     def adaptive_target(self, target_duration: float | str | None = None, startup: float | None = None) -> int:
         """Scheduler handler: workers wanted, counting load (and start-up) time.
@@ -524,7 +921,9 @@ class ContextRouter(SchedulerPlugin):
         contexts, _ = self._views(routing=False)
         startup = self.startup_time if startup is None else startup
         wanted = workers_wanted(contexts, startup, target_duration)
-        ours = sum(v.queued for v in contexts.values()) + sum(self.inflight.values())
+        ours = sum(v.queued for v in contexts.values()) + sum(
+            w.inflight() for w in self.state.workers.values()
+        )
         if _compat.non_context_ready(s, ours) > 0:
             wanted = max(wanted, s.adaptive_target(target_duration))
         if wanted < len(s.workers):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import cloudpickle
 from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
-from dask_context.errors import DuplicateContextError
+from dask_context.errors import DuplicateContextError, SettingError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -87,9 +91,45 @@ class ContextSpec:
         self.load_time = None if load_time is None else parse_timedelta(load_time)
         self.eager = bool(eager)
 
+    @functools.cached_property
+    def fields(self) -> dict[str, str]:
+        """A digest of each field, deterministic across processes and runs.
+
+        Functions importable from a module are compared by name, others (lambdas,
+        notebook functions) by their pickled code.
+        """
+        values = {
+            "loader": self.loader, "args": self.args, "kwargs": self.kwargs,
+            "device": self.device, "memory": self.memory, "load_time": self.load_time,
+            "eager": self.eager,
+        }
+        return {k: hashlib.sha1(cloudpickle.dumps(v)).hexdigest() for k, v in values.items()}
+
+    @property
+    def token(self) -> str:
+        """Identifies the spec: equal tokens mean the same context.
+
+        >>> ContextSpec("a", dict).token == ContextSpec("a", dict).token
+        True
+        >>> ContextSpec("a", dict).token == ContextSpec("a", dict, args=[[1]]).token
+        False
+        """
+        digest = hashlib.sha1(self.name.encode())
+        for key in sorted(self.fields):
+            digest.update(self.fields[key].encode())
+        return digest.hexdigest()
+
     def info(self) -> dict[str, Any]:
         """What the scheduler needs to know: plain data, never the loader."""
-        return {"name": self.name, "memory": self.memory, "load_time": self.load_time}
+        return {
+            "name": self.name, "token": self.token, "fields": self.fields,
+            "memory": self.memory, "load_time": self.load_time,
+        }
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("fields", None)  # recomputed where needed
+        return state
 
     def __repr__(self) -> str:
         loader = getattr(self.loader, "__qualname__", repr(self.loader))
@@ -133,3 +173,60 @@ def check_unique(specs: Iterable[ContextSpec], known: Iterable[str] = ()) -> Non
         if spec.name in seen:
             raise DuplicateContextError(f"context {spec.name!r} is already registered")
         given.add(spec.name)
+
+
+def differences(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    """Names of the fields whose digests differ between two ``ContextSpec.fields``.
+
+    >>> differences(ContextSpec("a", dict).fields, ContextSpec("a", list, eager=True).fields)
+    ['eager', 'loader']
+    """
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def from_config(entry: Mapping[str, Any], where: str) -> ContextSpec:
+    """A spec from a ``dask-context.contexts`` entry (the loader as ``"module:function"``).
+
+    Parameters
+    ----------
+    entry
+        ``{"name": ..., "loader": "module:function", "args": [...], "kwargs": {...},
+        "device": ..., "memory": ..., "load_time": ..., "eager": ...}``.
+    where
+        The setting's name for error messages, e.g. ``"dask-context.contexts[0]"``.
+
+    Examples
+    --------
+    >>> from_config({"name": "t", "loader": "builtins:dict", "kwargs": {"a": 1}}, "x")
+    ContextSpec('t', loader=dict, device='auto', memory='unknown')
+    >>> from_config({"name": "t", "loader": "no_such_module:load"}, "dask-context.contexts[0]")
+    Traceback (most recent call last):
+    ...
+    dask_context.errors.SettingError: dask-context.contexts[0] ('t'): cannot import the loader 'no_such_module:load': No module named 'no_such_module'
+    """
+    if not isinstance(entry, Mapping):
+        raise SettingError(f"{where}: expected a mapping with name and loader, got {entry!r}")
+    known = {"name", "loader", "args", "kwargs", "device", "memory", "load_time", "eager"}
+    unknown = sorted(set(entry) - known)
+    if unknown or "name" not in entry or "loader" not in entry:
+        raise SettingError(
+            f"{where}: needs 'name' and 'loader' and takes only {sorted(known)}; got {sorted(entry)}"
+        )
+    name, target = entry["name"], entry["loader"]
+    module, _, attr = str(target).partition(":")
+    try:
+        loader = getattr(importlib.import_module(module), attr) if attr else None
+    except (ImportError, AttributeError) as exc:
+        raise SettingError(
+            f"{where} ({name!r}): cannot import the loader {target!r}: {exc}"
+        ) from exc
+    if loader is None:
+        raise SettingError(f"{where} ({name!r}): loader {target!r} must be 'module:function'")
+    try:
+        return ContextSpec(
+            name, loader, args=entry.get("args", ()), kwargs=entry.get("kwargs"),
+            device=entry.get("device", "auto"), memory=entry.get("memory"),
+            load_time=entry.get("load_time"), eager=entry.get("eager", False),
+        )
+    except (TypeError, ValueError) as exc:
+        raise SettingError(f"{where} ({name!r}): {exc}") from exc

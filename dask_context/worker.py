@@ -1,18 +1,27 @@
-"""The WorkerPlugin: one per context, all sharing one :class:`ContextCache` per worker."""
+"""The worker side: one WorkerPlugin per context, one :class:`WorkerContexts` per worker.
+
+:class:`ContextPlugin` makes a context loadable on every worker, now and in the
+future. All contexts of a worker share one :class:`WorkerContexts`, which holds the
+worker's :class:`~dask_context.cache.ContextCache`, reports to the scheduler plugin
+(the router) and answers its requests.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
+import time
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-from dask.utils import format_bytes, parse_bytes, parse_timedelta
-from distributed import WorkerPlugin, get_worker
+from dask.utils import format_bytes
+from distributed import Reschedule, WorkerPlugin, get_worker
+from distributed.utils import key_split_group
 
 from dask_context import _compat, config
-from dask_context.cache import ContextCache
-from dask_context.errors import NotRegisteredError
+from dask_context.cache import ContextCache, plain_key
+from dask_context.errors import NotRegisteredError, UnknownContextError, error_payload
 from dask_context.policy import resolve_device
 from dask_context.spec import ContextSpec
 
@@ -35,54 +44,180 @@ class ContextPlugin(WorkerPlugin):
     :meth:`setup` on every worker, including workers that join later. Setup only
     records the spec, unless the spec is ``eager``: the load itself happens on first
     use, in the thread of the task that asks for it. Setup also tells the scheduler
-    plugin (:class:`~dask_context.scheduler.ContextRouter`, register it first) about
-    the context, so routing works without :func:`dask_context.register` too.
+    plugin (:class:`~dask_context.scheduler.ContextRouter`) that this worker can
+    serve the context, so routing works without :func:`dask_context.register` too.
 
     Parameters
     ----------
     spec
         The context to provide.
+    idempotent
+        Leave a plugin already registered under this context's name in place (the
+        identical spec is registered: its warm copies stay).
     """
 
-    def __init__(self, spec: ContextSpec):
+    def __init__(self, spec: ContextSpec, idempotent: bool = False):
         if not isinstance(spec, ContextSpec):
             raise TypeError(f"ContextPlugin takes a ContextSpec, got {spec!r}")
         self.spec = spec
         self.name = f"dask-context-{spec.name}"
+        self.idempotent = idempotent
 
     async def setup(self, worker: Worker) -> None:
-        cache = await worker_cache(worker)
-        cache.add(self.spec)
-        # tell the scheduler plugin (if there is one) about the context before the
-        # registration returns, so that routing works even when the plugins were
-        # registered by hand (client.register_plugin) rather than with register()
-        if await worker.scheduler.get_metadata(keys=ROUTER_METADATA, default=False):
-            await worker.scheduler.dask_context_register(specs=[self.spec.info()], known_ok=True)
-        if self.spec.eager:
-            cache.load_in_background(self.spec.name)
+        contexts = await worker_contexts(worker)
+        await contexts.add(self.spec)
 
-    def teardown(self, worker: Worker) -> None:
-        cache = worker.extensions.get(EXTENSION)
-        if isinstance(cache, ContextCache):
-            cache.remove(self.spec.name)
+    async def teardown(self, worker: Worker) -> None:
+        contexts = worker.extensions.get(EXTENSION)
+        if isinstance(contexts, WorkerContexts):
+            await contexts.remove(self.spec.name)
 
 
-_creating: dict[int, asyncio.Future[ContextCache]] = {}
+class WorkerContexts(WorkerPlugin):
+    """The contexts of one worker, and its side of the conversation with the router.
 
+    It is created by the first :class:`ContextPlugin` set up on a worker and added to
+    the worker's plugins (for the task transitions) and handlers
+    (``dask_context_evict``, ``dask_context_state``).
 
-async def worker_cache(worker: Worker) -> ContextCache:
-    """The worker's cache, created on first call.
-
-    Creating it imports torch, sets its thread count and looks at the GPUs, all in
-    a thread so that the event loop keeps serving heartbeats meanwhile. Concurrent
-    callers (one plugin per context) share the one creation.
+    Parameters
+    ----------
+    worker
+        The worker.
+    cache
+        Its cache.
+    device, job
+        What the router is told: the default device, and the batch job the worker
+        runs in (scale-in retires a job's workers together).
     """
-    cache = worker.extensions.get(EXTENSION)
-    if isinstance(cache, ContextCache):
-        return cache
+
+    name = "dask-context"
+
+    def __init__(self, worker: Worker, cache: ContextCache, device: str, job: str | None):
+        self.worker = worker
+        self.cache = cache
+        self.device = device
+        self.job = job
+        # keys of running annotated tasks -> the contexts they called get_context for
+        self._used: dict[Hashable, set[str]] = {}
+        # (task group, "uses" or "unused", context) already reported to the router
+        self._reported: set[tuple[str, str, str]] = set()
+        # keys sent back to the scheduler after a failed load, and when
+        self._rescheduled: dict[Hashable, float] = {}
+
+    # ------------------------------------------------------------ specs
+    async def add(self, spec: ContextSpec) -> None:
+        await asyncio.to_thread(self.cache.add, spec)
+        await self.announce()
+        if spec.eager:
+            self.cache.load_in_background(spec.name)
+
+    async def remove(self, name: str) -> None:
+        await asyncio.to_thread(self.cache.remove, name)
+        self.emit({"action": "specs", "specs": self.cache.specs()})
+
+    async def announce(self) -> None:
+        """Tell the router (if there is one) what this worker holds and can load."""
+        try:
+            await self.worker.scheduler.dask_context_worker(worker=self.worker.address, **self.state())
+        except Exception as exc:
+            if "dask_context_worker" not in str(exc):
+                raise
+            logger.debug("No dask-context router on the scheduler: contexts are not routed")
+
+    def state(self) -> dict[str, Any]:
+        """Scheduler-facing summary; also the ``dask_context_state`` handler."""
+        return {
+            "budget": self.cache.budget,
+            "device": self.device,
+            "job": self.job,
+            "specs": self.cache.specs(),
+            "resident": self.cache.resident_bytes(),
+            "loading": self.cache.loading(),
+        }
+
+    async def evict(self, names: list[str]) -> list[str]:
+        """Handler: evict ``names`` (those no task here needs), off the event loop."""
+        return await asyncio.to_thread(self.cache.evict_unused, names)
+
+    def emit(self, msg: dict[str, Any]) -> None:
+        """Send a cache event to the scheduler (the exception, pickled, on failures)."""
+        exc = msg.pop("exc", None)
+        if exc is not None:
+            msg["payload"] = error_payload(exc)
+        msg["budget"] = self.cache.budget
+        self.worker.log_event(TOPIC, msg)
+
+    # ------------------------------------------------------------ tasks
+    def get(self, name: str) -> Any:
+        """:func:`get_context` on this worker."""
+        key = _compat.current_key()
+        wanted = None
+        if key is not None:
+            wanted = _compat.task_annotations(self.worker, key).get("context")
+            if wanted is not None:
+                self._used.setdefault(key, set()).add(name)
+            if wanted != name:
+                self._report(key, "uses", name)
+        try:
+            return self.cache.get(name, key)
+        except UnknownContextError:
+            raise
+        except Exception:
+            if wanted == name and self._reschedule_once(key):
+                # a failed load here does not fail the task: the router sends it to
+                # another worker, and fails it only when the context fails everywhere
+                raise Reschedule() from None
+            raise
+
+    def _report(self, key: Hashable, action: str, name: str) -> None:
+        """Tell the router, once per task group, that its tasks use (or do not use) ``name``."""
+        group = key_split_group(key)
+        if (group, action, name) not in self._reported:
+            self._reported.add((group, action, name))
+            self.worker.log_event(
+                TOPIC, {"action": action, "context": name, "group": group, "key": plain_key(key)}
+            )
+
+    def _reschedule_once(self, key: Hashable) -> bool:
+        now = time.monotonic()
+        retry = self.cache.failed_load_retry
+        self._rescheduled = {k: t for k, t in self._rescheduled.items() if now - t < retry}
+        if key in self._rescheduled:
+            return False
+        self._rescheduled[key] = now
+        return True
+
+    def transition(self, key: Hashable, start: str, finish: str, **kwargs: Any) -> None:
+        if start not in ("executing", "long-running"):
+            return
+        used = self._used.pop(key, None)
+        if finish != "memory":
+            return
+        wanted = _compat.task_annotations(self.worker, key).get("context")
+        if isinstance(wanted, str) and wanted not in (used or ()):
+            # routed as needing a context but never asked for it: the router
+            # stops holding back the rest of its group
+            self._report(key, "unused", wanted)
+
+
+_creating: dict[int, asyncio.Future[WorkerContexts]] = {}
+
+
+async def worker_contexts(worker: Worker) -> WorkerContexts:
+    """The worker's :class:`WorkerContexts`, created on first call.
+
+    Creation asks the router for the worker settings (a restarted worker gets the
+    ones the cluster was given), imports torch, sets its thread count and looks at
+    the GPUs, off the event loop. Concurrent callers (one plugin per context) share
+    the one creation.
+    """
+    contexts = worker.extensions.get(EXTENSION)
+    if isinstance(contexts, WorkerContexts):
+        return contexts
     pending = _creating.get(id(worker))
     if pending is None:
-        pending = asyncio.ensure_future(_create_cache(worker))
+        pending = asyncio.ensure_future(_create(worker))
         _creating[id(worker)] = pending
     try:
         return await asyncio.shield(pending)
@@ -90,25 +225,54 @@ async def worker_cache(worker: Worker) -> ContextCache:
         _creating.pop(id(worker), None)
 
 
-async def _create_cache(worker: Worker) -> ContextCache:
-    gpu_free, gpu_total = await asyncio.to_thread(_probe_torch, worker.state.nthreads)
-    device = resolve_device(config.get("worker.device"), gpu_free)
-    budget = _budget(device, gpu_total, worker.memory_manager.memory_limit)
+async def _create(worker: Worker) -> WorkerContexts:
+    settings = await _settings(worker)
+    retry = config.get_seconds("worker.failed-load-retry", settings["failed-load-retry"])
+    threads = settings["torch-threads"] or worker.state.nthreads
+    gpu_free, gpu_total = await asyncio.to_thread(_probe_torch, int(threads))
+    device = resolve_device(settings["device"], gpu_free)
+    budget = _budget(settings, device, gpu_total, worker.memory_manager.memory_limit)
+    holder: list[WorkerContexts] = []
     cache = ContextCache(
         budget=budget,
         device=device,
-        emit=lambda msg: worker.log_event(TOPIC, msg),
-        failed_load_retry=parse_timedelta(config.get("worker.failed-load-retry")),
+        emit=lambda msg: holder[0].emit(msg),
+        failed_load_retry=retry,
         running=lambda: _compat.running_keys(worker),
+        assigned=lambda: _compat.assigned_contexts(worker),
         gpu_free=gpu_free,
     )
-    worker.extensions[EXTENSION] = cache
-    worker.log_event(TOPIC, {"action": "hello", "budget": budget, "device": device})
+    contexts = WorkerContexts(worker, cache, device, _compat.batch_job())
+    holder.append(contexts)
+    worker.extensions[EXTENSION] = contexts
+    worker.handlers["dask_context_evict"] = contexts.evict
+    worker.handlers["dask_context_state"] = contexts.state
+    await worker.plugin_add(contexts, name=WorkerContexts.name)
+    worker.log_event(TOPIC, {"action": "hello", "budget": budget, "device": device, "job": contexts.job})
     logger.info(
         "dask-context on %s: device %s, memory budget %s",
         worker.address, device, "unlimited" if math.isinf(budget) else format_bytes(int(budget)),
     )
-    return cache
+    return contexts
+
+
+async def _settings(worker: Worker) -> dict[str, Any]:
+    """This worker's settings, as the router sees fit.
+
+    A worker restarted by its nanny, or started later by the cluster, may have lost
+    settings made with ``dask.config.set`` around the cluster's creation (the nanny
+    copies Dask's config shallowly); the router hands back the ones that worker's
+    nanny, or the cluster, had before.
+    """
+    settings = config.worker_settings()
+    try:
+        return await worker.scheduler.dask_context_settings(
+            worker=worker.address, nanny=worker.nanny, settings=settings
+        )
+    except Exception as exc:
+        if "dask_context_settings" not in str(exc):
+            raise
+        return settings
 
 
 def _probe_torch(nthreads: int) -> tuple[list[int], list[int]]:
@@ -117,38 +281,36 @@ def _probe_torch(nthreads: int) -> tuple[list[int], list[int]]:
         import torch
     except ImportError:
         return [], []
-    threads = config.get("worker.torch-threads") or nthreads
-    torch.set_num_threads(int(threads))
+    torch.set_num_threads(nthreads)
     if not torch.cuda.is_available():
         return [], []
     info = [torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())]
     return [free for free, _ in info], [total for _, total in info]
 
 
-def _budget(device: str, gpu_total: list[int], memory_limit: int | None) -> float:
+def _budget(settings: dict[str, Any], device: str, gpu_total: list[int], memory_limit: int | None) -> float:
     """The worker's memory budget for contexts, from ``worker.memory-budget``.
 
     Examples
     --------
-    >>> import dask
-    >>> _budget("cpu", [], memory_limit=10_000)
+    >>> s = {"memory-budget": "auto", "memory-fraction": 0.8}
+    >>> _budget(s, "cpu", [], memory_limit=10_000)
     8000.0
-    >>> _budget("cuda:1", [100, 1000], memory_limit=10_000)
+    >>> _budget(s, "cuda:1", [100, 1000], memory_limit=10_000)
     800.0
-    >>> _budget("cpu", [], memory_limit=None)
+    >>> _budget(s, "cpu", [], memory_limit=None)
     inf
-    >>> with dask.config.set({"dask-context.worker.memory-budget": "1 kiB"}):
-    ...     _budget("cpu", [], memory_limit=10_000)
+    >>> _budget({**s, "memory-budget": "1 kiB"}, "cpu", [], memory_limit=10_000)
     1024.0
     """
-    setting = config.get("worker.memory-budget")
+    setting = settings["memory-budget"]
     if setting not in ("auto", None):
-        return float(parse_bytes(setting) if isinstance(setting, str) else setting)
+        return float(config.get_bytes("worker.memory-budget", setting))
     if device.startswith("cuda"):
         total = gpu_total[int(device.split(":")[1])]
     else:
         total = memory_limit or math.inf
-    return total * float(config.get("worker.memory-fraction"))
+    return total * config.get_fraction("worker.memory-fraction", settings["memory-fraction"])
 
 
 def get_context(name: str) -> Any:
@@ -160,7 +322,8 @@ def get_context(name: str) -> Any:
     Parameters
     ----------
     name
-        A context registered with :func:`dask_context.register`.
+        A context registered with :func:`dask_context.register` (or declared in
+        the ``dask-context.contexts`` setting).
 
     Raises
     ------
@@ -183,10 +346,10 @@ def get_context(name: str) -> Any:
         raise NotRegisteredError(
             f"get_context({name!r}) must run inside a task on a Dask worker"
         ) from None
-    cache = worker.extensions.get(EXTENSION)
-    if not isinstance(cache, ContextCache):
+    contexts = worker.extensions.get(EXTENSION)
+    if not isinstance(contexts, WorkerContexts):
         raise NotRegisteredError(
             f"dask-context is not set up on worker {worker.address}: "
             "call dask_context.register(client, ...) before computing"
         )
-    return cache.get(name, key=_compat.current_key())
+    return contexts.get(name)

@@ -44,3 +44,37 @@ def where(x: int, name: str, seconds: float = 0.0) -> tuple[int, str]:
     if seconds:
         time.sleep(seconds)
     return x, get_worker().address
+
+
+def fails_on(bad: list, nbytes: int = 1000, seconds: float = 0.0) -> dict:
+    """A context whose load fails on the workers named in ``bad`` (a node with a
+    missing file or driver) and works elsewhere."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    if worker.name in bad or worker.address in bad:
+        raise FileNotFoundError(f"/models/weights.bin is missing on {worker.address}")
+    return blob("ok", nbytes=nbytes, seconds=seconds)
+
+
+def fails_first_time(marker: str, seconds: float = 0.0) -> dict:
+    """A context whose very first load (across all workers) fails, then works."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return blob("flaky", seconds=seconds)
+    os.close(fd)
+    raise ConnectionError("the model server hiccuped")
+
+
+def always_fails(message: str = "CUDA driver not found") -> dict:
+    raise RuntimeError(message)
+
+
+def verify_slowly(claims: list, seconds: float, context: str = "verifier") -> list:
+    """Task: verdicts from the warm model, plus ``seconds`` of other work."""
+    from dask_context.factcheck import verify
+
+    out = verify(claims, context)
+    time.sleep(seconds)
+    return out

@@ -44,11 +44,11 @@ async def test_get_context_on_a_worker_without_dask_context(c, s, a):
 async def test_unregister_frees_the_context_everywhere(c, s, a, b):
     await dc.register(c, dc.ContextSpec("A", blob, args=["A"], eager=True))
     await async_poll_for(
-        lambda: all("A" in w.extensions["dask-context"].resident_bytes() for w in (a, b)), timeout=10
+        lambda: all("A" in w.extensions["dask-context"].cache.resident_bytes() for w in (a, b)), timeout=10
     )
     await dc.unregister(c, "A")
     for w in (a, b):
-        cache = w.extensions["dask-context"]
+        cache = w.extensions["dask-context"].cache
         assert cache.names() == [] and cache.resident_bytes() == {}
     with dc.use("A"):
         with pytest.raises(dc.UnknownContextError, match="unknown context 'A'"):

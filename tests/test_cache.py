@@ -69,14 +69,30 @@ def test_measured_size_beyond_estimate_triggers_eviction():
 
 
 def test_too_large_context_is_a_clear_error():
-    cache, _ = make_cache(budget=100)
-    cache.add(ContextSpec("big", blob, args=["big"], memory=1000))
-    with pytest.raises(ContextTooLargeError, match=r"context 'big' needs 0\.98 kiB but the memory budget"):
+    cache, events = make_cache(budget=1000)
+    cache.add(ContextSpec("big", blob, args=["big"], kwargs={"nbytes": 5000}))
+    with pytest.raises(ContextTooLargeError, match=r"context 'big' takes 5\.\d+ kiB once loaded, more than the memory budget of this worker \(0\.98 kiB\)"):
         cache.get("big")
-    cache.add(ContextSpec("sneaky", blob, args=["sneaky"], kwargs={"nbytes": 5000}))
-    with pytest.raises(ContextTooLargeError, match=r"'sneaky' takes .* once loaded"):
-        cache.get("sneaky")
     assert cache.resident_bytes() == {}
+    failed = [e for e in events if e["action"] == "failed"]
+    assert [e["context"] for e in failed] == ["big"] and isinstance(failed[0]["exc"], ContextTooLargeError)
+
+
+def test_a_declared_size_is_an_estimate_the_measurement_replaces():
+    # declared 200x too large: still tried, and it fits
+    cache, events = make_cache(budget=10_000)
+    cache.add(ContextSpec("small", blob, args=["small"], kwargs={"nbytes": 100}, memory=2_000_000))
+    cache.add(ContextSpec("other", blob, args=["other"], kwargs={"nbytes": 100}))
+    cache.get("other")
+    assert cache.get("small")["name"] == "small"
+    # declared too large, measured small: "other" had to make room before the load
+    # (the estimate said so), but the measurement is what counts from now on
+    loaded = [e for e in events if e["action"] == "loaded"]
+    assert loaded[-1]["nbytes"] < 1000
+    cache.evict("small")
+    cache.get("other")
+    cache.get("small")
+    assert set(cache.resident_bytes()) == {"small", "other"}
 
 
 def test_unknown_context_names_the_known_ones():

@@ -9,9 +9,10 @@ from dask_context.policy import (
     RetireView,
     WorkerView,
     choose_victims,
+    hold_back,
+    load_failed_everywhere,
     plan_routes,
     resolve_device,
-    retire_order,
     workers_wanted,
 )
 
@@ -60,9 +61,14 @@ def test_idle_context_is_evicted_for_one_with_work():
 
 
 def test_context_larger_than_every_budget_goes_where_it_fails_loudly():
-    # waiting would never end: the largest worker gets it and its load raises
+    # waiting would never end: the largest idle worker tries (its load raises if
+    # the size is right) rather than a busy one, which would overflow
     workers = {"small": WorkerView(budget=100), "large": WorkerView(budget=150)}
     assert plan_routes({"A": ctx(3, 1.0, nbytes=200)}, workers).add == {"A": {"large"}}
+    workers["large"] = WorkerView(budget=150, inflight=1)
+    assert plan_routes({"A": ctx(3, 1.0, nbytes=200)}, workers).add == {"A": {"small"}}
+    workers["small"] = WorkerView(budget=100, inflight=1)
+    assert plan_routes({"A": ctx(3, 1.0, nbytes=200)}, workers).add == {}
 
 
 def test_context_waits_while_workers_are_busy_but_could_hold_it():
@@ -97,17 +103,64 @@ def test_no_workers_means_no_plan():
     assert plan_routes({"A": ctx(5, 1.0)}, {}).add == {}
 
 
-def test_retire_keeps_workers_with_tasks_and_recent_warm_ones():
+def test_unknown_sizes_count_as_a_whole_worker_until_measured():
+    # three contexts of unknown size on two workers with a finite budget: each
+    # worker takes one, the third waits (it would evict one with queued work)
+    workers = {"w1": WorkerView(budget=100), "w2": WorkerView(budget=100)}
+    contexts = {c: ctx(5, 5.0, nbytes=None, first=(i,)) for i, c in enumerate("ABC")}
+    assert plan_routes(contexts, workers).add == {"A": {"w1"}, "B": {"w2"}}
+    # once measured small, they share
+    contexts = {c: ctx(5, 5.0, nbytes=30, first=(i,)) for i, c in enumerate("ABC")}
+    plan = plan_routes(contexts, {"w1": WorkerView(budget=100)})
+    assert plan.add == {"A": {"w1"}, "B": {"w1"}, "C": {"w1"}}
+    # with no budget (unlimited), unknown is no obstacle
+    contexts = {c: ctx(5, 5.0, nbytes=None, first=(i,)) for i, c in enumerate("AB")}
+    assert plan_routes(contexts, {"w1": WorkerView()}).add == {"A": {"w1"}, "B": {"w1"}}
+
+
+def test_contexts_with_tasks_on_a_worker_are_not_evicted_there():
+    workers = {"w": WorkerView(budget=100, resident={"A": Resident(80, 0)}, busy=frozenset({"A"}))}
+    contexts = {"A": ctx(0, 0.0, nbytes=80, allowed={"w"}), "B": ctx(3, 1.0, nbytes=80)}
+    assert plan_routes(contexts, workers).add == {}
+
+
+def test_excluded_workers_are_never_chosen():
+    workers = {"bad": WorkerView(), "good": WorkerView(inflight=3)}
+    view = ContextView(3, 1.0, 5.0, 10, excluded=frozenset({"bad"}))
+    assert plan_routes({"A": view}, workers).add == {"A": {"good"}}
+    everyone = ContextView(3, 1.0, 5.0, 10, excluded=frozenset({"bad", "good"}))
+    assert plan_routes({"A": everyone}, workers).add == {}
+
+
+def test_load_failures_fail_tasks_only_when_nowhere_is_left():
+    assert not load_failed_everywhere({"a"}, {"a", "b", "c"}, serving=False, limit=3)
+    assert load_failed_everywhere({"a", "b", "c"}, {"a", "b", "c"}, serving=False, limit=5)
+    assert load_failed_everywhere({"a", "x", "y"}, {"a", "b"}, serving=False, limit=3)
+    assert not load_failed_everywhere({"a", "b", "c"}, {"a", "b", "c", "d"}, serving=True, limit=3)
+    assert not load_failed_everywhere(set(), {"a"}, serving=False, limit=1)
+    # with no worker at all, tasks wait for one rather than fail
+    assert not load_failed_everywhere({"gone"}, set(), serving=False, limit=3)
+
+
+def test_scale_in_holds_back_only_warm_workers_worth_keeping_and_their_groups():
     views = {
-        "busy": RetireView(idle=False),
-        "warm-recent": RetireView(idle=True, warm=frozenset({"A"}), idle_for=5),
-        "warm-old": RetireView(idle=True, warm=frozenset({"A", "B"}), idle_for=100, nbytes=5),
-        "cold-data": RetireView(idle=True, nbytes=10),
-        "cold": RetireView(idle=True),
+        "cold": RetireView(),
+        "warm-recent": RetireView(warm=frozenset({"A"}), idle_for=5),
+        "warm-old": RetireView(warm=frozenset({"A", "B"}), idle_for=100),
+        "warm-busy": RetireView(warm=frozenset({"C"}), idle_for=0.0),
     }
-    assert retire_order(views, wanted=(), keep_warm=60) == ["cold", "cold-data", "warm-old"]
-    assert retire_order(views, wanted={"B"}, keep_warm=60) == ["cold", "cold-data"]
-    assert retire_order(views, wanted=(), keep_warm=math.inf) == ["cold", "cold-data"]
+    assert hold_back(views, wanted=(), keep_warm=60) == {"warm-recent", "warm-busy"}
+    assert hold_back(views, wanted={"B"}, keep_warm=60) == {"warm-recent", "warm-old", "warm-busy"}
+    assert hold_back(views, wanted=(), keep_warm=0) == set()
+    # a held-back worker keeps its batch job's other workers; other jobs are free
+    jobs = {
+        "j1-0": RetireView(warm=frozenset({"A"}), idle_for=1, group="j1"),
+        "j1-1": RetireView(group="j1"),
+        "j2-0": RetireView(group="j2"),
+        "j2-1": RetireView(group="j2"),
+    }
+    assert hold_back(jobs, wanted=(), keep_warm=60) == {"j1-0", "j1-1"}
+    assert hold_back({"x": RetireView()}, wanted={"A"}, keep_warm=math.inf) == set()
 
 
 def test_workers_wanted_counts_load_and_startup():

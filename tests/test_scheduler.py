@@ -145,10 +145,13 @@ async def test_loader_failure_reaches_the_task_and_the_worker_stays_usable(c, s,
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
 async def test_registering_twice(c, s, a):
-    await dc.register(c, spec("A"))
-    with pytest.raises(dc.DuplicateContextError, match="'A' is already registered"):
-        await dc.register(c, spec("A"))
-    assert list(await dc.register(c, spec("A"), spec("B"), replace=True)) == ["A", "B"]
+    assert await dc.register(c, spec("A")) == {"A": "added"}
+    # the identical spec again (a re-run script) changes nothing
+    assert await dc.register(c, spec("A")) == {"A": "unchanged"}
+    with pytest.raises(dc.DuplicateContextError, match="'A' is already registered with a different kwargs"):
+        await dc.register(c, spec("A", seconds=1.0))
+    assert await dc.register(c, spec("A", seconds=0.1), spec("B"), replace=True) == {
+        "A": "replaced", "B": "added"}
     assert len([p for p in s.plugins if p == "dask-context"]) == 1
 
 
@@ -165,8 +168,9 @@ async def test_bag_and_delayed_tasks_are_routed(c, s, a):
     bag = db.from_sequence(range(10), npartitions=5).map(lambda x: (dc.get_context("A")["name"], x))
     with dc.use("A"):
         assert len(await c.compute(bag)) == 10
-    # 5 delayed tasks + the bag's partitions and its finalize task
-    assert (await report(c))["contexts"]["A"]["tasks"] >= 5 + 5 + 1
+    # 5 delayed tasks + the bag's 5 partitions; the delayed sum and the bag's
+    # finalize step are Dask's own plumbing and are not routed
+    assert (await report(c))["contexts"]["A"]["tasks"] == 5 + 5
 
 
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
@@ -176,7 +180,7 @@ async def test_events_and_eager_loading(c, s, a, b):
         lambda: sum(e["action"] == "loaded" for _, e in s.get_events("dask-context")) == 2, timeout=10
     )
     events = [e for _, e in s.get_events("dask-context")]
-    assert {e["worker"] for e in events if e["action"] == "hello"} == {a.address, b.address}
+    assert {e["worker"] for e in events if e["action"] == "loaded"} == {a.address, b.address}
     r = await report(c)
     assert list(r["contexts"]["E"]["warm"]) == sorted([a.address, b.address])
 
@@ -201,7 +205,9 @@ async def test_adaptive_target_counts_load_time_and_holds_during_the_first_load(
 
     with dc.use("A"):
         futures = c.map(where, range(30), name="A", seconds=0.01)
-    await async_poll_for(lambda: s.plugins["dask-context"].assigned, timeout=5)
+    await async_poll_for(
+        lambda: any(t.worker for t in s.plugins["dask-context"].state.tasks.values()), timeout=5
+    )
     before = await target()
     # 28+ queued tasks x 0.5 s (no duration known) over (1 s start-up + 1 s load)
     assert before >= 7

@@ -14,7 +14,26 @@ def test_spec_fields_are_parsed():
     assert spec.memory == 2 * 2**30
     assert spec.load_time == 1.5
     assert spec.args == ("/p",) and spec.kwargs == {"k": 1}
-    assert spec.info() == {"name": "m", "memory": 2 * 2**30, "load_time": 1.5}
+    info = spec.info()
+    assert {k: info[k] for k in ("name", "memory", "load_time", "token")} == {
+        "name": "m", "memory": 2 * 2**30, "load_time": 1.5, "token": spec.token}
+    assert set(info["fields"]) == {"loader", "args", "kwargs", "device", "memory", "load_time", "eager"}
+
+
+def test_tokens_are_deterministic_and_name_what_differs():
+    import subprocess
+    import sys
+
+    code = "from tests.test_spec import loader; from dask_context import ContextSpec; " \
+           "print(ContextSpec('m', loader, args=['/p'], memory='1 GiB').token)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == ContextSpec("m", loader, args=["/p"], memory="1 GiB").token
+    from dask_context.spec import differences
+
+    a = ContextSpec("m", loader, args=["/p"])
+    b = ContextSpec("m", loader, args=["/q"], eager=True)
+    assert differences(a.fields, b.fields) == ["args", "eager"]
+    assert differences(a.fields, ContextSpec("m", loader, args=("/p",)).fields) == []
 
 
 @pytest.mark.parametrize(

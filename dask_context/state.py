@@ -1,0 +1,298 @@
+"""The router's state: one record per worker, per context and per routed task.
+
+:class:`RouterState` is plain data with one method for each way a record comes or
+goes (a context registered or removed, a worker joining or leaving, a task routed,
+queued, sent, finished or forgotten), so that nothing is left behind when a worker,
+context or task goes away. It knows nothing of the scheduler: the plugin in
+:mod:`dask_context.scheduler` calls these methods from its hooks and hands the
+policies in :mod:`dask_context.policy` views built from here.
+
+Examples
+--------
+>>> state = RouterState()
+>>> ctx = state.add_context({"name": "A", "token": "t1"})
+>>> w = state.add_worker("tcp://w1", nthreads=1)
+>>> task = state.route("x-1", "A", group="x", prefix="x", priority=(0,))
+>>> state.enqueue(task)
+>>> state.pop_head(ctx) is task
+True
+>>> state.sent(task, "tcp://w1"); w.tasks
+{'A': {'x-1'}}
+>>> state.left_worker(task) is w
+True
+>>> state.forget("x-1") is task, w.tasks, state.tasks
+(True, {}, {})
+>>> state.remove_worker("tcp://w1"); state.workers
+{}
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class RoutedTask:
+    """A task the router is responsible for placing."""
+
+    key: Hashable
+    context: str
+    group: str
+    prefix: str
+    priority: tuple
+    #: the worker it was sent to, while it is processing there
+    worker: str | None = None
+    #: times it was sent to a worker (a second entry into the queue is a requeue)
+    sent: int = 0
+    #: heap entry sequence number while it waits in its context's queue, else None
+    seq: int | None = None
+    #: seconds it spent loading the context (it found it cold), else None
+    load_seconds: float | None = None
+
+
+@dataclass(eq=False)
+class WorkerRecord:
+    """What the router knows of one worker."""
+
+    address: str
+    nthreads: int = 1
+    #: bytes of contexts it may hold; None until its plugins announce it
+    budget: float | None = None
+    #: batch job (``SLURM_JOB_ID`` and the like): scale-in keeps or retires a job whole
+    job: str | None = None
+    #: contexts whose worker plugin is set up here, with the token of their spec
+    specs: dict[str, str] = field(default_factory=dict)
+    resident: dict[str, int] = field(default_factory=dict)
+    loading: set[str] = field(default_factory=set)
+    #: contexts the router chose this worker to warm, and since when
+    chosen: dict[str, float] = field(default_factory=dict)
+    #: contexts the router asked this worker to evict (the reply is pending)
+    evicting: set[str] = field(default_factory=set)
+    last_used: dict[str, float] = field(default_factory=dict)
+    #: context -> keys sent here and not finished
+    tasks: dict[str, set[Hashable]] = field(default_factory=dict)
+    #: context -> when its load last failed here
+    failed: dict[str, float] = field(default_factory=dict)
+    idle_since: float = field(default_factory=time.monotonic)
+    #: the worker was told it will be preempted: it takes no new context tasks
+    draining: bool = False
+
+    def holds(self, name: str) -> bool:
+        return name in self.resident or name in self.loading
+
+    def inflight(self, name: str | None = None) -> int:
+        if name is not None:
+            return len(self.tasks.get(name, ()))
+        return sum(map(len, self.tasks.values()))
+
+
+@dataclass(eq=False)
+class ContextRecord:
+    """What the router knows of one context."""
+
+    name: str
+    token: str
+    #: a digest per spec field, to say what differs when a spec is replaced
+    fields: dict[str, str] = field(default_factory=dict)
+    #: the spec's estimates (``memory`` in bytes, ``load_time`` in seconds)
+    memory: int | None = None
+    load_time_hint: float | None = None
+    #: heap of (priority, seq, task) of the tasks waiting for a worker
+    queue: list[tuple[tuple, int, RoutedTask]] = field(default_factory=list)
+    waiting: int = 0
+    #: when its queue last became non-empty (None while empty)
+    since: float | None = None
+    #: waiting tasks per task prefix (their durations are estimated per prefix)
+    by_prefix: Counter[str] = field(default_factory=Counter)
+    allowed: set[str] = field(default_factory=set)
+    #: measured: exponential average of load seconds, latest size in bytes
+    load_time: float | None = None
+    nbytes: int | None = None
+    #: worker -> when its load failed, kept for failed-load-retry (departed ones too)
+    failed_on: dict[str, float] = field(default_factory=dict)
+    #: the last load failure, as the worker sent it (pickled exception, traceback, texts)
+    error: dict[str, Any] | None = None
+    loads: int = 0
+    load_seconds: float = 0.0
+    evictions: int = 0
+    failures: int = 0
+    tasks: int = 0
+    hits: int = 0
+    warmups: int = 0
+    requeued: int = 0
+
+    def size(self) -> int | None:
+        """Measured size, else the spec's estimate, else None (unknown)."""
+        return self.nbytes if self.nbytes is not None else self.memory
+
+
+class RouterState:
+    """Records of contexts, workers and routed tasks, and every change to them."""
+
+    def __init__(self) -> None:
+        self.contexts: dict[str, ContextRecord] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.tasks: dict[Hashable, RoutedTask] = {}
+        self._seq = itertools.count()
+
+    # ------------------------------------------------------------ contexts
+    def add_context(self, info: dict[str, Any]) -> ContextRecord:
+        """Add (or replace) a context from ``ContextSpec.info()``."""
+        old = self.contexts.get(info["name"])
+        ctx = ContextRecord(
+            info["name"], info["token"], dict(info.get("fields", {})), info.get("memory"),
+            info.get("load_time"),
+        )
+        if old is not None:
+            # a new spec under the same name: warm copies are of the old one and
+            # the workers' plugins are being replaced; queued tasks carry over
+            ctx.queue, ctx.waiting, ctx.by_prefix = old.queue, old.waiting, old.by_prefix
+        self.contexts[ctx.name] = ctx
+        return ctx
+
+    def remove_context(self, name: str) -> list[RoutedTask]:
+        """Drop a context everywhere; return its tasks (the caller fails or frees them)."""
+        self.contexts.pop(name)
+        for w in self.workers.values():
+            for table in (w.specs, w.resident, w.chosen, w.last_used, w.tasks, w.failed):
+                table.pop(name, None)
+            w.loading.discard(name)
+            w.evicting.discard(name)
+        tasks = [t for t in self.tasks.values() if t.context == name]
+        for t in tasks:
+            del self.tasks[t.key]
+        return tasks
+
+    # ------------------------------------------------------------ workers
+    def add_worker(self, address: str, nthreads: int) -> WorkerRecord:
+        w = self.workers.get(address)
+        if w is None:
+            w = self.workers[address] = WorkerRecord(address, nthreads)
+        return w
+
+    def remove_worker(self, address: str) -> None:
+        """Forget a worker; its tasks come back through the scheduler as usual."""
+        w = self.workers.pop(address, None)
+        if w is None:
+            return
+        for ctx in self.contexts.values():
+            ctx.allowed.discard(address)
+        for keys in w.tasks.values():
+            for key in keys:
+                task = self.tasks.get(key)
+                if task is not None and task.worker == address:
+                    task.worker = None
+
+    def exclude(self, ctx: ContextRecord, address: str, when: float) -> None:
+        """A load of ``ctx`` failed on ``address``: it stops serving the context."""
+        ctx.failed_on[address] = when
+        ctx.allowed.discard(address)
+        w = self.workers.get(address)
+        if w is not None:
+            w.failed[ctx.name] = when
+            w.chosen.pop(ctx.name, None)
+            w.loading.discard(ctx.name)
+
+    def expire_failures(self, now: float, retry: float) -> None:
+        for ctx in self.contexts.values():
+            for address, when in list(ctx.failed_on.items()):
+                if now - when >= retry:
+                    del ctx.failed_on[address]
+                    w = self.workers.get(address)
+                    if w is not None:
+                        w.failed.pop(ctx.name, None)
+
+    # ------------------------------------------------------------ tasks
+    def route(self, key: Hashable, context: str, group: str, prefix: str, priority: tuple) -> RoutedTask:
+        task = self.tasks[key] = RoutedTask(key, context, group, prefix, priority)
+        return task
+
+    def enqueue(self, task: RoutedTask) -> None:
+        """The task waits for a worker (it entered ``no-worker``)."""
+        if task.seq is not None:
+            return
+        ctx = self.contexts[task.context]
+        task.seq = next(self._seq)
+        heapq.heappush(ctx.queue, (task.priority, task.seq, task))
+        if not ctx.waiting:
+            ctx.since = time.monotonic()
+        ctx.waiting += 1
+        ctx.by_prefix[task.prefix] += 1
+        if task.sent:
+            ctx.requeued += 1
+
+    def dequeue(self, task: RoutedTask) -> None:
+        """The task left the queue; its heap entry goes stale and is skipped."""
+        if task.seq is None:
+            return
+        task.seq = None
+        ctx = self.contexts.get(task.context)
+        if ctx is None:
+            return
+        ctx.waiting -= 1
+        ctx.by_prefix[task.prefix] -= 1
+        if not ctx.by_prefix[task.prefix]:
+            del ctx.by_prefix[task.prefix]
+        if not ctx.waiting:
+            ctx.queue.clear()
+            ctx.since = None
+
+    def head(self, ctx: ContextRecord) -> RoutedTask | None:
+        """The most urgent waiting task of ``ctx`` (stale heap entries are dropped)."""
+        queue = ctx.queue
+        while queue:
+            _, seq, task = queue[0]
+            if task.seq == seq and self.tasks.get(task.key) is task:
+                return task
+            heapq.heappop(queue)
+        return None
+
+    def pop_head(self, ctx: ContextRecord) -> RoutedTask | None:
+        task = self.head(ctx)
+        if task is not None:
+            heapq.heappop(ctx.queue)
+            self.dequeue(task)
+        return task
+
+    def waiting_tasks(self, ctx: ContextRecord) -> Iterator[RoutedTask]:
+        for _, seq, task in list(ctx.queue):
+            if task.seq == seq and self.tasks.get(task.key) is task:
+                yield task
+
+    def sent(self, task: RoutedTask, address: str) -> None:
+        """The task is processing on ``address``."""
+        self.dequeue(task)
+        task.worker = address
+        task.sent += 1
+        w = self.workers.get(address)
+        if w is not None:
+            w.tasks.setdefault(task.context, set()).add(task.key)
+
+    def left_worker(self, task: RoutedTask) -> WorkerRecord | None:
+        """The task stopped processing (finished, failed, released); return its worker."""
+        address, task.worker = task.worker, None
+        w = self.workers.get(address) if address is not None else None
+        if w is not None:
+            keys = w.tasks.get(task.context)
+            if keys is not None:
+                keys.discard(task.key)
+                if not keys:
+                    del w.tasks[task.context]
+            if not w.tasks:
+                w.idle_since = time.monotonic()
+        return w
+
+    def forget(self, key: Hashable) -> RoutedTask | None:
+        """The router is no longer responsible for ``key``."""
+        task = self.tasks.pop(key, None)
+        if task is not None:
+            self.dequeue(task)
+            self.left_worker(task)
+        return task

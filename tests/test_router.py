@@ -1,0 +1,341 @@
+"""The router's guarantees, on in-process clusters (distributed's gen_cluster).
+
+Nothing is stranded (any error inside the router hands tasks back to Dask), one bad
+node does not fail a run, registration changes during loads are safe, counts mean
+what they say, and nothing is left behind for keys, workers or contexts that are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import dask
+import dask.bag as db
+import pytest
+from distributed import Event, Worker, wait
+from distributed.utils_test import async_poll_for, gen_cluster
+
+import dask_context as dc
+import dask_context.scheduler
+from dask_context import ContextSpec
+from dask_context.state import RouterState
+from tests.loaders import always_fails, blob, fails_first_time, fails_on, where
+
+ONE = [("127.0.0.1", 1)]
+THREE = [("127.0.0.1", 1)] * 3
+
+
+def spec(name, seconds=0.0, nbytes=1000, **kwargs):
+    return ContextSpec(name, blob, args=[name], kwargs={"seconds": seconds, "nbytes": nbytes}, **kwargs)
+
+
+def router(s):
+    return s.plugins["dask-context"]
+
+
+async def report(c):
+    return await c.scheduler.dask_context_report()
+
+
+def identity(x):
+    dc.get_context("A")
+    return x
+
+
+# ---------------------------------------------------------------- 1. never stranded
+@gen_cluster(client=True, nthreads=[])
+async def test_tasks_with_equal_priority_and_mixed_keys_are_queued_and_run(c, s):
+    # a str key and a tuple key, submitted in one fifo window: equal priorities
+    await dc.register(c, spec("A"))
+    with dc.use("A"):
+        f1 = c.submit(identity, 1, key="plain-key")
+        f2 = c.submit(identity, 2, key=("tuple-key", 0))
+        bag = db.from_sequence([3, 4], npartitions=2).map(identity)
+        f3 = c.compute(bag)
+    await async_poll_for(lambda: len(s.unrunnable) == 4, timeout=5)
+    assert s.tasks["plain-key"].priority == s.tasks[("tuple-key", 0)].priority
+    assert (await report(c))["contexts"]["A"]["queued"] == 4
+    async with Worker(s.address, nthreads=1):
+        assert await c.gather([f1, f2, f3]) == [1, 2, [3, 4]]
+
+
+@gen_cluster(client=True, nthreads=ONE)
+async def test_an_error_in_routing_hands_tasks_back_to_dask(c, s, a):
+    await dc.register(c, spec("A"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug in the planner")
+
+    original = dask_context.scheduler.plan_routes
+    dask_context.scheduler.plan_routes = broken
+    try:
+        with dc.use("A"):
+            futures = c.map(identity, range(20))
+        assert await c.gather(futures) == list(range(20))
+    finally:
+        dask_context.scheduler.plan_routes = original
+    assert not router(s).state.tasks
+    assert not any(ts.worker_restrictions for ts in s.tasks.values())
+
+
+@gen_cluster(client=True, nthreads=ONE)
+async def test_an_error_in_a_transition_hook_hands_that_task_back(c, s, a):
+    await dc.register(c, spec("A"))
+    original = RouterState.enqueue
+
+    def flaky(self, task):
+        if task.key == "victim":
+            raise RuntimeError("bug while queueing")
+        return original(self, task)
+
+    RouterState.enqueue = flaky
+    try:
+        with dc.use("A"):
+            futures = [c.submit(identity, 0, key="victim"), *c.map(identity, range(1, 10))]
+        assert await c.gather(futures) == list(range(10))
+    finally:
+        RouterState.enqueue = original
+    assert (await report(c))["contexts"]["A"]["tasks"] == 9  # the victim ran unrouted
+
+
+@gen_cluster(client=True, nthreads=ONE)
+async def test_errors_in_router_hooks_are_logged_at_error(c, s, a):
+    await dc.register(c, spec("A"))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("dask_context.scheduler").addHandler(handler)
+    original = dask_context.scheduler.plan_routes
+    dask_context.scheduler.plan_routes = lambda *a, **k: 1 / 0
+    try:
+        with dc.use("A"):
+            assert await c.submit(identity, 1) == 1
+    finally:
+        dask_context.scheduler.plan_routes = original
+        logging.getLogger("dask_context.scheduler").removeHandler(handler)
+    errors = [r for r in records if r.levelno == logging.ERROR]
+    assert errors and "go back to Dask's own scheduling" in errors[0].getMessage()
+    assert errors[0].exc_info[0] is ZeroDivisionError
+
+
+# ---------------------------------------------------------------- 2. one bad node
+@gen_cluster(client=True, nthreads=THREE)
+async def test_one_bad_node_does_not_fail_the_run(c, s, *workers):
+    bad = workers[0]
+    await dc.register(c, ContextSpec("A", fails_on, args=[[bad.address]], kwargs={"seconds": 0.2}, load_time=0.01))
+    with dc.use("A"):
+        futures = c.map(where, range(300), name="A", seconds=0.002)
+    results = await c.gather(futures)
+    assert sorted(x for x, _ in results) == list(range(300))
+    assert bad.address not in {addr for _, addr in results}
+    r = (await report(c))["contexts"]["A"]
+    assert r["failures"] == 1 and list(r["failed_on"]) == [bad.address]
+    assert r["tasks"] == 300 and r["loads"] <= 2
+
+
+@gen_cluster(client=True, nthreads=THREE)
+async def test_a_loader_that_fails_once_then_works(c, s, *workers):
+    import tempfile
+
+    marker = tempfile.mktemp(prefix="dask-context-flaky-")
+    await dc.register(c, ContextSpec("A", fails_first_time, args=[marker]))
+    with dc.use("A"):
+        futures = c.map(where, range(200), name="A")
+    results = await c.gather(futures)
+    assert len(results) == 200
+    assert (await report(c))["contexts"]["A"]["failures"] == 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
+async def test_a_context_that_fails_everywhere_fails_its_tasks_with_the_loaders_error(c, s, a, b):
+    await dc.register(c, ContextSpec("A", always_fails, args=["libcuda.so.1: cannot open shared object file"]))
+    with dc.use("A"):
+        futures = c.map(where, range(50), name="A")
+    await wait(futures)
+    assert all(f.status == "error" for f in futures)
+    with pytest.raises(RuntimeError, match="libcuda.so.1") as info:
+        await futures[-1]
+    # the loader's own traceback, and a note naming the context
+    assert "always_fails" in {frame.name for frame in info.traceback}
+    assert any("loading context 'A' failed" in n for n in info.value.__notes__)
+    r = (await report(c))["contexts"]["A"]
+    # each worker tried once; no task was run over and over on a broken worker
+    assert r["failures"] == 2 and r["queued"] == 0 and r["tasks"] == 0
+
+
+@gen_cluster(client=True, nthreads=THREE, config={"dask-context.scheduler.failed-load-workers": 2})
+async def test_failed_load_workers_limits_how_many_workers_try(c, s, *workers):
+    # a long expected load: one worker tries at a time, and the third never does
+    await dc.register(c, ContextSpec("A", always_fails, load_time=100))
+    with dc.use("A"):
+        futures = c.map(where, range(30), name="A", seconds=0.01)
+    await wait(futures)
+    assert all(f.status == "error" for f in futures)
+    assert (await report(c))["contexts"]["A"]["failures"] == 2
+
+
+@gen_cluster(client=True, nthreads=ONE, config={"dask-context.worker.failed-load-retry": "200ms"})
+async def test_after_failed_load_retry_the_context_is_tried_again(c, s, a):
+    import tempfile
+
+    marker = tempfile.mktemp(prefix="dask-context-flaky-")
+    await dc.register(c, ContextSpec("A", fails_first_time, args=[marker]))
+    with dc.use("A"):
+        with pytest.raises(ConnectionError, match="hiccuped"):
+            await c.submit(where, 1, name="A")
+    await asyncio.sleep(0.3)
+    with dc.use("A"):
+        assert (await c.submit(where, 2, name="A"))[0] == 2
+
+
+# ---------------------------------------------------------------- 4. registration
+@gen_cluster(client=True, nthreads=ONE)
+async def test_replace_during_a_load_runs_the_new_loader(c, s, a):
+    await dc.register(c, ContextSpec("A", blob, args=["old"], kwargs={"seconds": 1.0}))
+    with dc.use("A"):
+        first = c.submit(lambda: dc.get_context("A")["name"], pure=False)
+    await async_poll_for(lambda: "A" in a.extensions["dask-context"].cache.loading(), timeout=5)
+    await dc.register(c, ContextSpec("A", blob, args=["new"]), replace=True)
+    with dc.use("A"):
+        later = c.map(lambda i: dc.get_context("A")["name"], range(5))
+    assert set(await c.gather(later)) == {"new"}
+    await first  # the task that started the old load finishes too
+    await async_poll_for(lambda: not a.extensions["dask-context"].cache.loading(), timeout=5)
+    assert a.extensions["dask-context"].cache.get("A")["name"] == "new"
+
+
+@gen_cluster(client=True, nthreads=ONE)
+async def test_unregister_during_a_load_removes_it_everywhere_and_allows_it_again(c, s, a):
+    await dc.register(c, spec("A", seconds=1.0))
+    with dc.use("A"):
+        running = c.submit(where, 0, name="A")
+        queued = c.map(where, range(1, 6), name="A")
+    await async_poll_for(lambda: "A" in a.extensions["dask-context"].cache.loading(), timeout=5)
+    await dc.unregister(c, "A")
+    for f in queued:
+        with pytest.raises(dc.UnknownContextError, match="unknown context 'A'"):
+            await f
+    await wait(running)
+    await async_poll_for(lambda: not a.extensions["dask-context"].cache.loading(), timeout=5)
+    assert a.extensions["dask-context"].cache.resident_bytes() == {}
+    assert "A" not in (await report(c))["contexts"]
+    assert not router(s).state.tasks
+    assert await dc.register(c, spec("A")) == {"A": "added"}
+    with dc.use("A"):
+        assert (await c.submit(where, 7, name="A"))[0] == 7
+
+
+@gen_cluster(client=True, nthreads=ONE)
+async def test_unregister_of_an_unknown_context_says_so(c, s, a):
+    await dc.register(c, spec("A"))
+    with pytest.raises(dc.UnknownContextError, match="unknown context 'nope': registered contexts are 'A'"):
+        await dc.unregister(c, "nope")
+
+
+# ---------------------------------------------------------------- 6. sizes
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2, config={"dask-context.worker.memory-budget": 10_000})
+async def test_unknown_sizes_are_not_packed_onto_one_worker(c, s, a, b):
+    # three 8 kB contexts, no size declared, budget of one per worker: 3 loads
+    await dc.register(c, *(spec(n, seconds=0.2, nbytes=8000, load_time=60) for n in "ABC"))
+    futures = []
+    for n in "ABC":
+        with dc.use(n):
+            futures += c.map(where, range(30), name=n, seconds=0.005, key=[f"{n}-{i}" for i in range(30)])
+    assert len(await c.gather(futures)) == 90
+    r = (await report(c))["contexts"]
+    assert sum(r[n]["loads"] for n in "ABC") == 3, r
+    assert sum(r[n]["evictions"] for n in "ABC") == 1
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2, config={"dask-context.worker.memory-budget": 10_000})
+async def test_sizes_declared_ten_times_wrong_are_corrected_by_measurement(c, s, a, b):
+    for declared in (80_000, 800):  # ten times too large, ten times too small
+        names = [f"{n}{declared}" for n in "ABC"]
+        await dc.register(c, *(spec(n, seconds=0.2, nbytes=8000, memory=declared, load_time=60) for n in names))
+        futures = []
+        for n in names:
+            with dc.use(n):
+                futures += c.map(where, range(30), name=n, seconds=0.005, key=[f"{n}-{i}" for i in range(30)])
+        assert len(await c.gather(futures)) == 90
+        r = (await report(c))["contexts"]
+        assert all(7000 < r[n]["nbytes"] < 10_000 for n in names)
+        assert sum(r[n]["loads"] for n in names) <= 4, r
+
+
+# ---------------------------------------------------------------- 7. one task while loading
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 2)])
+async def test_a_loading_context_does_not_hold_the_other_thread(c, s, a):
+    await dc.register(c, spec("A", seconds=1.5, memory=1000), spec("B", memory=1000))
+    with dc.use("A"):
+        slow = c.map(where, range(4), name="A", key=[f"A-{i}" for i in range(4)])
+    await async_poll_for(lambda: "A" in a.extensions["dask-context"].cache.loading(), timeout=5)
+    with dc.use("B"):
+        fast = c.map(where, range(20), name="B", key=[f"B-{i}" for i in range(20)])
+    await c.gather(fast)
+    # all of B ran on the second thread while A was still loading on the first
+    assert "A" in a.extensions["dask-context"].cache.loading()
+    assert sum(f.done() for f in slow) == 0
+    await c.gather(slow)
+
+
+# ---------------------------------------------------------------- 8. counts
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
+async def test_counts_mean_what_they_say_and_nothing_is_left_behind(c, s, a, b):
+    await dc.register(c, spec("A", seconds=0.1))
+    with dc.use("A"):
+        bag = db.from_sequence(range(40), npartitions=10).map_partitions(
+            lambda part: [dc.get_context("A")["name"] for _ in part]
+        )
+    # built inside use(), computed outside: still routed, and only the 10 mapped
+    # partitions count as context tasks (not the aggregate)
+    assert len(await c.compute(bag)) == 40
+    r = (await report(c))["contexts"]["A"]
+    assert r["tasks"] == 10 and r["hits"] + r["loads"] == 10 and r["requeued"] == 0
+    # cancelling running tasks is not a requeue
+    ev = Event()
+    with dc.use("A"):
+        blocked = c.map(lambda i, ev: ev.wait() or i, range(4), ev=ev)
+    await async_poll_for(lambda: any(w.state.executing for w in (a, b)), timeout=5)
+    await c.cancel(blocked)
+    await ev.set()
+    assert (await report(c))["contexts"]["A"]["requeued"] == 0
+    del bag, blocked
+    await async_poll_for(lambda: not s.tasks, timeout=5)
+    assert not router(s).state.tasks
+    # a size refusal is a failure
+    with dask.config.set({"dask-context.worker.memory-budget": 100}):
+        async with Worker(s.address, nthreads=1) as small:
+            await dc.register(c, spec("big", nbytes=5000))
+            with dc.use("big"):
+                await wait(c.submit(where, 1, name="big", workers=[small.address], allow_other_workers=False))
+    # (tasks pinned with workers= are not routed; the load happened and failed)
+    assert (await report(c))["contexts"]["big"]["failures"] >= 1
+    # contexts that are gone leave nothing behind
+    await dc.unregister(c, "A", "big")
+    st = router(s).state
+    assert not st.contexts and not st.tasks
+    assert all(not (w.chosen or w.resident or w.tasks or w.failed) for w in st.workers.values())
+
+
+@gen_cluster(client=True, nthreads=THREE)
+async def test_only_tasks_that_run_user_code_are_routed(c, s, *workers):
+    await dc.register(c, spec("A", seconds=0.1))
+    bag = db.from_sequence(range(30), npartitions=6)
+    with dc.use("A"):
+        total = bag.map(identity).sum()
+    assert await c.compute(total) == sum(range(30))
+    # the 6 partitions (map fused into them); not the aggregate nor the aliases
+    assert (await report(c))["contexts"]["A"]["tasks"] == 6
+
+
+@gen_cluster(client=True, nthreads=ONE)
+async def test_worker_restart_keeps_nothing_stale(c, s, a):
+    await dc.register(c, spec("A"))
+    with dc.use("A"):
+        await c.gather(c.map(where, range(5), name="A"))
+    assert router(s).state.workers[a.address].resident
+    await a.close()
+    await async_poll_for(lambda: not s.workers, timeout=5)
+    assert a.address not in router(s).state.workers
+    assert not (await report(c))["contexts"]["A"]["warm"]
