@@ -108,6 +108,9 @@ class ContextCache:
         to run) ask for; they are never evicted either.
     gpu_free
         Free bytes per visible GPU, for specs that ask for ``"cuda"``.
+    stage
+        For specs with ``files``: returns the local directory to pass to the loader
+        (the worker stages a node-local copy); by default the spec's own path.
 
     Examples
     --------
@@ -135,8 +138,10 @@ class ContextCache:
         running: Callable[[], Collection[Hashable]] = frozenset,
         assigned: Callable[[], Collection[str]] = frozenset,
         gpu_free: list[int] | None = None,
+        stage: Callable[[ContextSpec], str] = lambda spec: spec.files,
     ):
         self.budget = budget
+        self._stage = stage
         self.device = device
         self.failed_load_retry = failed_load_retry
         self._emit = emit
@@ -335,13 +340,14 @@ class ContextCache:
         kwargs = dict(spec.kwargs)
         if "device" not in kwargs and _accepts_device(spec.loader):
             kwargs["device"] = device
+        args = (self._stage(spec), *spec.args) if spec.files is not None else spec.args
         try:
-            obj = spec.loader(*spec.args, **kwargs)
+            obj = spec.loader(*args, **kwargs)
         except Exception as exc:
             if not _out_of_memory(exc) or not self._evict_unused():
                 raise
             logger.warning("Out of memory loading %r; evicted idle contexts, retrying", spec.name)
-            obj = spec.loader(*spec.args, **kwargs)
+            obj = spec.loader(*args, **kwargs)
         return place(obj, device)
 
     # ------------------------------------------------------------------ evict
@@ -404,11 +410,13 @@ class ContextCache:
         if entry is None:
             return False
         nbytes = entry.nbytes
+        start = time.perf_counter()
         del entry
         release_device_memory()
+        seconds = time.perf_counter() - start
         logger.info("Evicted context %r (%s): %s", name, format_bytes(nbytes), reason)
         self._emit(
-            {"action": "evicted", "context": name, "reason": reason,
+            {"action": "evicted", "context": name, "reason": reason, "seconds": seconds,
              "resident": self.resident_bytes()}
         )
         return True

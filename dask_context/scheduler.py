@@ -60,7 +60,7 @@ from dask_context.policy import (
     workers_wanted,
 )
 from dask_context.spec import ContextSpec, differences, from_config
-from dask_context.state import ContextRecord, RoutedTask, RouterState, WorkerRecord
+from dask_context.state import ContextRecord, RoutedTask, RouterState, WorkerRecord, observe
 from dask_context.worker import ROUTER_METADATA, TOPIC
 
 if TYPE_CHECKING:
@@ -176,6 +176,8 @@ class ContextRouter(SchedulerPlugin):
                 "dask_context_settings": self.worker_settings,
                 "dask_context_worker": self.worker_joined,
                 "dask_context_workers_to_close": self.workers_to_close,
+                "dask_context_file_peers": self.file_peers,
+                "dask_context_drain": self.drain,
             }
         )
         pc = PeriodicCallback(self._periodic, self.interval * 1000)
@@ -304,6 +306,34 @@ class ContextRouter(SchedulerPlugin):
         for c in w.loading:
             self.state.contexts[c].allowed.add(worker)
         self._wake(replan=True)
+
+    def file_peers(self, name: str, token: str) -> list[dict[str, str]]:
+        """Scheduler handler: workers with a node-local copy of a context's files.
+
+        Returns ``[{"address": ..., "node": ...}]`` for running workers whose copy is
+        of the spec with ``token``, warm ones first.
+        """
+        ctx = self.state.contexts.get(name)
+        if ctx is None or ctx.token != token:
+            return []
+        running = {ws.address for ws in _compat.running_workers(self.scheduler)}
+        peers = [a for a in ctx.staged if a in running]
+        peers.sort(key=lambda a: name not in self.state.workers[a].resident)
+        return [{"address": a, "node": ctx.staged[a]} for a in peers]
+
+    def drain(self, worker: str) -> list[Hashable]:
+        """Scheduler handler: ``worker`` will be preempted; it takes no new context tasks.
+
+        Returns the keys of the context tasks it has been sent and not finished.
+        """
+        w = self.state.workers.get(worker)
+        if w is None:
+            return []
+        w.draining = True
+        for ctx in self.state.contexts.values():
+            ctx.allowed.discard(worker)
+        self._wake(replan=True)
+        return [k for keys in w.tasks.values() for k in keys]
 
     def report(self) -> dict[str, Any]:
         """Scheduler handler: plain-data summary of every context and worker."""
@@ -495,6 +525,7 @@ class ContextRouter(SchedulerPlugin):
             ctx.allowed.add(w.address)
             ctx.loads += 1
             ctx.load_seconds += msg["seconds"]
+            observe(ctx.load_buckets, msg["seconds"])
             ctx.load_time = _ema(ctx.load_time, msg["seconds"])
             ctx.nbytes = int(msg["nbytes"])
             task = st.tasks.get(_key(msg.get("key")))
@@ -505,6 +536,13 @@ class ContextRouter(SchedulerPlugin):
             w.chosen.pop(name, None)
             ctx.allowed.discard(w.address)
             ctx.evictions += 1
+            ctx.unload_seconds += msg.get("seconds", 0.0)
+            observe(ctx.unload_buckets, msg.get("seconds", 0.0))
+        elif action == "staged":
+            if msg.get("token") == ctx.token:
+                ctx.staged[w.address] = msg["node"]
+        elif action == "unstaged":
+            ctx.staged.pop(w.address, None)
         elif action == "failed":
             ctx.failures += 1
             ctx.error = msg.get("payload") or error_payload(RuntimeError(msg.get("error")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -45,6 +46,12 @@ class ContextSpec:
     eager
         Load on every worker as soon as the worker plugin is set up, instead of on
         first use. Eager loads run in a background thread, never on the event loop.
+    files
+        A directory the loader reads (model weights on a shared filesystem, say).
+        A worker stages it in a node-local directory first (from a warm peer over
+        Dask's worker-to-worker comms, from a copy another worker of its node made,
+        or from this path when neither has it) and passes the local copy to the
+        loader as its first argument. See docs/peer-bootstrap.md.
 
     Examples
     --------
@@ -69,6 +76,7 @@ class ContextSpec:
         memory: int | str | None = None,
         load_time: float | str | None = None,
         eager: bool = False,
+        files: str | os.PathLike[str] | None = None,
     ):
         if not isinstance(name, str) or not name:
             raise ValueError(f"context name must be a non-empty string, got {name!r}")
@@ -90,6 +98,7 @@ class ContextSpec:
         self.memory = None if memory is None else _nonnegative_bytes(name, memory)
         self.load_time = None if load_time is None else parse_timedelta(load_time)
         self.eager = bool(eager)
+        self.files = None if files is None else os.fspath(files)
 
     @functools.cached_property
     def fields(self) -> dict[str, str]:
@@ -101,7 +110,7 @@ class ContextSpec:
         values = {
             "loader": self.loader, "args": self.args, "kwargs": self.kwargs,
             "device": self.device, "memory": self.memory, "load_time": self.load_time,
-            "eager": self.eager,
+            "eager": self.eager, "files": self.files,
         }
         return {k: hashlib.sha1(cloudpickle.dumps(v)).hexdigest() for k, v in values.items()}
 
@@ -123,7 +132,7 @@ class ContextSpec:
         """What the scheduler needs to know: plain data, never the loader."""
         return {
             "name": self.name, "token": self.token, "fields": self.fields,
-            "memory": self.memory, "load_time": self.load_time,
+            "memory": self.memory, "load_time": self.load_time, "files": self.files,
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -191,7 +200,7 @@ def from_config(entry: Mapping[str, Any], where: str) -> ContextSpec:
     ----------
     entry
         ``{"name": ..., "loader": "module:function", "args": [...], "kwargs": {...},
-        "device": ..., "memory": ..., "load_time": ..., "eager": ...}``.
+        "device": ..., "memory": ..., "load_time": ..., "eager": ..., "files": ...}``.
     where
         The setting's name for error messages, e.g. ``"dask-context.contexts[0]"``.
 
@@ -206,7 +215,7 @@ def from_config(entry: Mapping[str, Any], where: str) -> ContextSpec:
     """
     if not isinstance(entry, Mapping):
         raise SettingError(f"{where}: expected a mapping with name and loader, got {entry!r}")
-    known = {"name", "loader", "args", "kwargs", "device", "memory", "load_time", "eager"}
+    known = {"name", "loader", "args", "kwargs", "device", "memory", "load_time", "eager", "files"}
     unknown = sorted(set(entry) - known)
     if unknown or "name" not in entry or "loader" not in entry:
         raise SettingError(
@@ -227,6 +236,7 @@ def from_config(entry: Mapping[str, Any], where: str) -> ContextSpec:
             name, loader, args=entry.get("args", ()), kwargs=entry.get("kwargs"),
             device=entry.get("device", "auto"), memory=entry.get("memory"),
             load_time=entry.get("load_time"), eager=entry.get("eager", False),
+            files=entry.get("files"),
         )
     except (TypeError, ValueError) as exc:
         raise SettingError(f"{where} ({name!r}): {exc}") from exc

@@ -38,6 +38,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+#: upper bounds (seconds) of the load and unload latency histograms
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, math.inf)
+
+
+def observe(buckets: list[int], seconds: float) -> None:
+    """Count ``seconds`` in the first of :data:`LATENCY_BUCKETS` it fits.
+
+    >>> b = [0] * len(LATENCY_BUCKETS); observe(b, 0.3); observe(b, 1e9); b[4], b[-1]
+    (1, 1)
+    """
+    buckets[next(i for i, le in enumerate(LATENCY_BUCKETS) if seconds <= le)] += 1
+
+
+def _buckets() -> list[int]:
+    return [0] * len(LATENCY_BUCKETS)
+
+
 @dataclass(eq=False)
 class RoutedTask:
     """A task the router is responsible for placing."""
@@ -119,9 +136,15 @@ class ContextRecord:
     failed_on: dict[str, float] = field(default_factory=dict)
     #: the last load failure, as the worker sent it (pickled exception, traceback, texts)
     error: dict[str, Any] | None = None
+    #: node-local copies of its files (``ContextSpec.files``): worker -> node
+    staged: dict[str, str] = field(default_factory=dict)
+    files: str | None = None
     loads: int = 0
     load_seconds: float = 0.0
+    load_buckets: list[int] = field(default_factory=_buckets)
     evictions: int = 0
+    unload_seconds: float = 0.0
+    unload_buckets: list[int] = field(default_factory=_buckets)
     failures: int = 0
     tasks: int = 0
     hits: int = 0
@@ -148,7 +171,7 @@ class RouterState:
         old = self.contexts.get(info["name"])
         ctx = ContextRecord(
             info["name"], info["token"], dict(info.get("fields", {})), info.get("memory"),
-            info.get("load_time"),
+            info.get("load_time"), files=info.get("files"),
         )
         if old is not None:
             # a new spec under the same name: warm copies are of the old one and
@@ -184,6 +207,7 @@ class RouterState:
             return
         for ctx in self.contexts.values():
             ctx.allowed.discard(address)
+            ctx.staged.pop(address, None)
         for keys in w.tasks.values():
             for key in keys:
                 task = self.tasks.get(key)

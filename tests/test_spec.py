@@ -17,7 +17,7 @@ def test_spec_fields_are_parsed():
     info = spec.info()
     assert {k: info[k] for k in ("name", "memory", "load_time", "token")} == {
         "name": "m", "memory": 2 * 2**30, "load_time": 1.5, "token": spec.token}
-    assert set(info["fields"]) == {"loader", "args", "kwargs", "device", "memory", "load_time", "eager"}
+    assert set(info["fields"]) == {"loader", "args", "kwargs", "device", "memory", "load_time", "eager", "files"}
 
 
 def test_tokens_are_deterministic_and_name_what_differs():
