@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
+import tempfile
 import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,7 @@ from dask_context.cache import ContextCache, plain_key
 from dask_context.errors import NotRegisteredError, UnknownContextError, error_payload
 from dask_context.policy import resolve_device
 from dask_context.spec import ContextSpec
+from dask_context.staging import Stager
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -233,6 +237,11 @@ async def _create(worker: Worker) -> WorkerContexts:
     device = resolve_device(settings["device"], gpu_free)
     budget = _budget(settings, device, gpu_total, worker.memory_manager.memory_limit)
     holder: list[WorkerContexts] = []
+    stager = Stager(
+        worker,
+        node=settings["node"] or socket.gethostname(),
+        root=settings["staging-dir"] or os.path.join(tempfile.gettempdir(), "dask-context-files"),
+    )
     cache = ContextCache(
         budget=budget,
         device=device,
@@ -241,12 +250,14 @@ async def _create(worker: Worker) -> WorkerContexts:
         running=lambda: _compat.running_keys(worker),
         assigned=lambda: _compat.assigned_contexts(worker),
         gpu_free=gpu_free,
+        stage=stager.stage,
     )
     contexts = WorkerContexts(worker, cache, device, _compat.batch_job())
     holder.append(contexts)
     worker.extensions[EXTENSION] = contexts
     worker.handlers["dask_context_evict"] = contexts.evict
     worker.handlers["dask_context_state"] = contexts.state
+    worker.handlers.update(stager.handlers())
     await worker.plugin_add(contexts, name=WorkerContexts.name)
     worker.log_event(TOPIC, {"action": "hello", "budget": budget, "device": device, "job": contexts.job})
     logger.info(
