@@ -5,6 +5,7 @@ from dask_context import config  # noqa: F401  (merges the YAML defaults into da
 from dask_context.adaptive import ContextAdaptive
 from dask_context.api import delayed, register, report, unregister, use
 from dask_context.cache import ContextCache
+from dask_context.deploy import dask_setup
 from dask_context.errors import (
     ContextError,
     ContextTooLargeError,
@@ -29,6 +30,7 @@ __all__ = [
     "DuplicateContextError",
     "NotRegisteredError",
     "UnknownContextError",
+    "dask_setup",
     "delayed",
     "get_context",
     "register",

@@ -45,7 +45,8 @@ def register(client: Client, *specs: ContextSpec, replace: bool = False) -> Any:
 
     Returns
     -------
-    ``{name: "added" | "unchanged" | "replaced"}``.
+    ``{name: "added" | "unchanged" | "declared" | "replaced"}`` ("declared": the
+    identical context is declared in the cluster's configuration).
 
     Raises
     ------
@@ -71,6 +72,8 @@ async def _register(client: Client, specs: tuple[ContextSpec, ...], replace: boo
         specs=[spec.info() for spec in specs], replace=replace
     )
     for spec in specs:
+        if status[spec.name] == "declared":
+            continue  # the workers' preload sets it up
         # an unchanged spec keeps its worker plugin (and the warm copies); registering
         # it idempotently still installs it if the client that added it went away
         await client.register_plugin(ContextPlugin(spec, idempotent=status[spec.name] == "unchanged"))

@@ -141,6 +141,8 @@ class ContextRouter(SchedulerPlugin):
         # contexts unregistered here: workers still tearing them down must not
         # bring them back by announcing what they hold
         self._unregistered: set[str] = set()
+        # announcements of workers that have not registered yet (preloads)
+        self._announced: dict[str, dict[str, Any]] = {}
         self._background: set[asyncio.Task] = set()
         self._wake_pending = False
         self._replan_wanted = True
@@ -155,7 +157,9 @@ class ContextRouter(SchedulerPlugin):
         self.unknown_duration = parse_timedelta(
             dask.config.get("distributed.scheduler.unknown-task-duration")
         )
-        for info in [*self.initial, *(spec.info() for spec in declared_specs())]:
+        declared = [spec.info() for spec in declared_specs()]
+        self.declared = {info["name"] for info in declared}
+        for info in [*self.initial, *declared]:
             self.state.add_context(info)
         for address, ws in scheduler.workers.items():
             self.state.add_worker(address, ws.nthreads)
@@ -211,7 +215,9 @@ class ContextRouter(SchedulerPlugin):
         """Scheduler handler: learn the contexts workers can load.
 
         Returns, per name, ``"added"``, ``"unchanged"`` (the identical spec is
-        registered: nothing happens, warm copies stay) or ``"replaced"``.
+        registered: nothing happens, warm copies stay), ``"declared"`` (the identical
+        spec is declared in the cluster's ``dask-context.contexts`` setting, and its
+        workers set it up themselves) or ``"replaced"``.
 
         Raises
         ------
@@ -224,7 +230,8 @@ class ContextRouter(SchedulerPlugin):
             if ctx is None:
                 status[info["name"]] = "added"
             elif ctx.token == info["token"]:
-                status[info["name"]] = "unchanged"
+                # declared in the cluster's configuration: workers set it up themselves
+                status[info["name"]] = "declared" if ctx.name in self.declared else "unchanged"
             elif replace:
                 status[info["name"]] = "replaced"
             else:
@@ -236,7 +243,7 @@ class ContextRouter(SchedulerPlugin):
                 )
         for info in specs:
             self._unregistered.discard(info["name"])
-            if status[info["name"]] != "unchanged":
+            if status[info["name"]] in ("added", "replaced"):
                 self._forget_learned(info["name"])
                 self.state.add_context(info)
         self._wake(replan=True)
@@ -294,9 +301,17 @@ class ContextRouter(SchedulerPlugin):
         self, worker: str, budget: float, device: str, job: str | None,
         specs: dict[str, dict[str, Any]], resident: dict[str, int], loading: list[str],
     ) -> None:
-        """Scheduler handler: a worker's contexts (its plugins just set one up)."""
+        """Scheduler handler: a worker's contexts (its plugins just set one up).
+
+        A worker started with ``--preload dask_context`` announces its contexts
+        before it registers with the scheduler: that announcement waits here until
+        the worker joins.
+        """
         ws = self.scheduler.workers.get(worker)
         if ws is None:
+            self._announced[worker] = dict(
+                budget=budget, device=device, job=job, specs=specs, resident=resident, loading=loading
+            )
             return
         w = self.state.add_worker(worker, ws.nthreads)
         w.budget, w.job = float(budget), job
@@ -604,9 +619,13 @@ class ContextRouter(SchedulerPlugin):
     # ------------------------------------------------------------ membership
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self.state.add_worker(worker, scheduler.workers[worker].nthreads)
+        announced = self._announced.pop(worker, None)
+        if announced is not None:
+            self.worker_joined(worker, **announced)
         self._wake(replan=True)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self._announced.pop(worker, None)
         try:
             self.state.remove_worker(worker)
         except Exception:

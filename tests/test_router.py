@@ -339,3 +339,28 @@ async def test_worker_restart_keeps_nothing_stale(c, s, a):
     await async_poll_for(lambda: not s.workers, timeout=5)
     assert a.address not in router(s).state.workers
     assert not (await report(c))["contexts"]["A"]["warm"]
+
+
+# ---------------------------------------------------------------- unmarked tasks
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2, config={"dask-context.worker.memory-budget": 10_000})
+async def test_unmarked_tasks_that_call_get_context_are_learned_and_routed(c, s, a, b):
+    # three 8 kB contexts, one per worker's budget, and no use() anywhere: the
+    # first task of each bag reports its context and the rest of the bag is routed
+    await dc.register(c, *(spec(n, seconds=0.3, nbytes=8000) for n in "ABC"))
+    bags = [
+        db.from_sequence(range(60), npartitions=30).map_partitions(
+            lambda part, n=n: [(dc.get_context(n)["name"], x) for x in part]
+        )
+        for n in "ABC"
+    ]
+    with pytest.warns(UserWarning, match=r"call get_context\('A'\) but were not marked"):
+        results = await c.gather(c.compute(bags))
+        await asyncio.sleep(0.1)  # the warning event reaches the client
+    assert [sorted({name for name, _ in r}) for r in results] == [["A"], ["B"], ["C"]]
+    r = (await report(c))["contexts"]
+    routed = {n: r[n]["tasks"] for n in "ABC"}
+    loads = sum(r[n]["loads"] for n in "ABC")
+    # each bag's first tasks ran unrouted (at most a couple per worker), the rest routed
+    assert all(25 <= routed[n] <= 30 for n in "ABC"), routed
+    assert loads <= 10, r  # unrouted, the 90 tasks thrash: a load every few tasks
+    assert set(router(s).learned.values()) == {"A", "B", "C"}
