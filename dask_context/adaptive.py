@@ -10,8 +10,9 @@ use (:func:`dask_context.policy.workers_wanted`): a new worker pays off only whe
 the backlog per worker outlasts the batch system's start-up plus a load. Scale-in
 goes through ``Scheduler.workers_to_close`` as usual; the plugin's
 ``valid_workers_downscaling`` keeps warm workers while their context has work (and
-for ``keep-warm`` seconds after), so cold workers are retired first. That part also
-works with the plain ``Adaptive``.
+for ``keep-warm`` seconds after), so cold workers are retired first, and keeps each
+batch job's workers together. That part also works with the plain ``Adaptive``;
+``ContextAdaptive`` also keeps the ``worker_key`` groups it is given together.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import logging
 import time
 
-from dask.utils import parse_timedelta
 from distributed.deploy import Adaptive
+from distributed.protocol import pickle
 
 from dask_context import config
 
@@ -42,7 +43,7 @@ class ContextAdaptive(Adaptive):
 
     def __init__(self, *args, startup_time: float | str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.startup_time = parse_timedelta(config.get("adaptive.startup-time", startup_time))
+        self.startup_time = config.get_seconds("adaptive.startup-time", startup_time)
         self._asked: tuple[float, int] | None = None
 
     async def target(self) -> int:
@@ -56,6 +57,21 @@ class ContextAdaptive(Adaptive):
             if "dask_context_target" not in str(exc):
                 raise
             return await super().target()
+
+    async def workers_to_close(self, target: int) -> list[str]:
+        """Workers to retire, as ``Adaptive`` chooses them, with whole ``worker_key``
+        groups held back when the router keeps one of their workers warm."""
+        try:
+            return await self.scheduler.dask_context_workers_to_close(
+                target=target,
+                key=pickle.dumps(self.worker_key) if self.worker_key else None,
+                attribute="name",
+                **self._workers_to_close_kwargs,
+            )
+        except Exception as exc:  # plugin not registered yet on this cluster
+            if "dask_context_workers_to_close" not in str(exc):
+                raise
+            return await super().workers_to_close(target)
 
     async def scale_up(self, n: int) -> None:
         if self._asked is None and n > len(self.observed):

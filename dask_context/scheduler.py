@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import pickle
 import time
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import dask.config
 from dask.utils import parse_timedelta
 from distributed import SchedulerPlugin
+from distributed.protocol import pickle
 from tornado.ioloop import PeriodicCallback
 
 from dask_context import _compat, config
@@ -71,6 +71,12 @@ logger = logging.getLogger(__name__)
 
 # topic of the warnings the router has for users; register() shows them on the client
 WARNINGS = "dask-context-warnings"
+
+# worker settings that are the cluster's policy (a worker added later takes them from
+# the cluster's workers), as opposed to the worker's own hardware (device, node...)
+CLUSTER_SETTINGS = frozenset(
+    {"memory-budget", "memory-fraction", "host-memory-budget", "torch-threads", "failed-load-retry"}
+)
 
 
 def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
@@ -135,7 +141,7 @@ class ContextRouter(SchedulerPlugin):
         # task group -> the context its tasks use (None: they use none, or several)
         self.learned: dict[str, str | None] = {}
         self._settings_by_nanny: dict[str, dict[str, Any]] = {}
-        self._cluster_settings: dict[str, Any] | None = None
+        self._cluster_settings: dict[str, Any] = {}
         self._grouping: Any = None
         self._warned: set[str] = set()
         # contexts unregistered here: workers still tearing them down must not
@@ -280,22 +286,26 @@ class ContextRouter(SchedulerPlugin):
     def worker_settings(self, worker: str, nanny: str | None, settings: dict[str, Any]) -> dict[str, Any]:
         """Scheduler handler: the settings a worker should use.
 
-        A worker's own settings win when they differ from the defaults. A worker with
-        default settings whose nanny's previous worker (or, failing that, the
-        cluster's workers) had others gets those: ``dask.config.set`` around a
-        cluster's creation does not reach workers the nanny restarts or the cluster
-        adds later.
+        ``dask.config.set`` around a cluster's creation does not reach workers that a
+        nanny restarts or that the cluster adds later (the nanny copies Dask's
+        settings shallowly). So a setting a worker leaves at its default takes the
+        value its nanny's previous worker had, or, for the settings that are the
+        cluster's policy rather than the worker's hardware (memory budget, failed-load
+        retry...), the value the cluster's workers had. A worker's own explicit
+        settings always win.
         """
-        if settings != config.default("worker"):
+        defaults = config.default("worker")
+        own = {k: v for k, v in settings.items() if v != defaults.get(k)}
+        if own:
             if nanny:
-                self._settings_by_nanny[nanny] = settings
-            self._cluster_settings = settings
-            return settings
-        inherited = self._settings_by_nanny.get(nanny or "") or self._cluster_settings
-        if inherited is not None:
-            logger.info("Worker %s gets the settings of the cluster's workers: %s", worker, inherited)
-            return inherited
-        return settings
+                self._settings_by_nanny[nanny] = own
+            self._cluster_settings.update({k: v for k, v in own.items() if k in CLUSTER_SETTINGS})
+        inherited = {**{k: v for k, v in self._cluster_settings.items() if k in CLUSTER_SETTINGS},
+                     **self._settings_by_nanny.get(nanny or "", {})}
+        effective = {**settings, **{k: v for k, v in inherited.items() if k not in own}}
+        if effective != settings:
+            logger.info("Worker %s takes the settings the cluster was given: %s", worker, inherited)
+        return effective
 
     def worker_joined(
         self, worker: str, budget: float, device: str, job: str | None,

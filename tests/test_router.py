@@ -364,3 +364,36 @@ async def test_unmarked_tasks_that_call_get_context_are_learned_and_routed(c, s,
     assert all(25 <= routed[n] <= 30 for n in "ABC"), routed
     assert loads <= 10, r  # unrouted, the 90 tasks thrash: a load every few tasks
     assert set(router(s).learned.values()) == {"A", "B", "C"}
+
+
+# ---------------------------------------------------------------- 3. scale-in
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 4, config={"dask-context.adaptive.keep-warm": "1h"})
+async def test_scale_in_keeps_groups_whole_and_never_drops_busy_workers(c, s, *workers):
+    groups = {w.address: "ab"[i // 2] for i, w in enumerate(workers)}  # two 2-worker jobs
+    await dc.register(c, spec("A"))
+    # nothing warm: Dask's own choice, untouched
+    assert set(s.workers_to_close(key=lambda ws: groups[ws.address])) == set(groups)
+    with dc.use("A"):
+        await c.submit(where, 1, name="A", key="warm-up", workers=[workers[0].address], allow_other_workers=True)
+    await dc.register(c, spec("A"))
+    with dc.use("A"):
+        await c.gather(c.map(where, range(3), name="A"))
+    warm = set((await report(c))["contexts"]["A"]["warm"])
+    assert len(warm) == 1
+    warm_group = groups[next(iter(warm))]
+    # through ContextAdaptive's handler, the key= groups are known: the warm
+    # worker's whole group stays, the other group may go
+    from distributed.protocol import pickle
+
+    closable = await c.scheduler.dask_context_workers_to_close(
+        key=pickle.dumps(lambda ws, g=groups: g[ws.address]), attribute="address")
+    assert closable and not {groups[a] for a in closable} & {warm_group}
+    assert {a for a in groups if groups[a] != warm_group} == set(closable)
+    # a busy worker with nothing warm is not held back by the router: n= may close it
+    ev = Event()
+    cold = next(w for w in workers if w.address not in warm)
+    busy = c.submit(lambda ev: ev.wait(), ev, workers=[cold.address])
+    await async_poll_for(lambda: s.workers[cold.address].processing, timeout=5)
+    assert cold.address in s.workers_to_close(n=3)
+    await ev.set()
+    await busy
