@@ -1,7 +1,10 @@
 """dask-context: load a model (or any costly context) once per Dask worker, keep it,
 and send the tasks that need it to the workers that hold it."""
 
+import multiprocessing
+
 from dask_context import config  # noqa: F401  (merges the YAML defaults into dask.config)
+from dask_context import dashboard
 from dask_context.adaptive import ContextAdaptive
 from dask_context.api import delayed, register, report, unregister, use
 from dask_context.cache import ContextCache
@@ -18,6 +21,12 @@ from dask_context.spec import ContextSpec
 from dask_context.worker import ContextPlugin, get_context
 
 __version__ = "0.1.0"
+
+if multiprocessing.current_process().name == "MainProcess":
+    # the Contexts page on the dashboard of every scheduler this process starts from
+    # now on (a LocalCluster's, `dask scheduler --preload dask_context`'s); worker
+    # processes started by a nanny serve no dashboard and skip importing bokeh
+    dashboard.install()
 
 __all__ = [
     "ContextAdaptive",

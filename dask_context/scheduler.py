@@ -46,7 +46,7 @@ from distributed import SchedulerPlugin
 from distributed.protocol import pickle
 from tornado.ioloop import PeriodicCallback
 
-from dask_context import _compat, config
+from dask_context import _compat, config, dashboard
 from dask_context.errors import DuplicateContextError, UnknownContextError, error_payload
 from dask_context.metrics import register_collector, unregister_collector
 from dask_context.policy import (
@@ -153,6 +153,7 @@ class ContextRouter(SchedulerPlugin):
         self._wake_pending = False
         self._replan_wanted = True
         self._ticks = 0
+        self._page = False
         self.prefetch = int(config.get("scheduler.prefetch"))
         self.interval = config.get_seconds("scheduler.interval")
         self.default_load_time = config.get_seconds("scheduler.default-load-time")
@@ -247,6 +248,7 @@ class ContextRouter(SchedulerPlugin):
                     f"{differ}; pass replace=True to replace it (its warm copies are "
                     "dropped and it loads again on first use)"
                 )
+        self._show_page()
         for info in specs:
             self._unregistered.discard(info["name"])
             if status[info["name"]] in ("added", "replaced"):
@@ -323,6 +325,7 @@ class ContextRouter(SchedulerPlugin):
                 budget=budget, device=device, job=job, specs=specs, resident=resident, loading=loading
             )
             return
+        self._show_page()
         w = self.state.add_worker(worker, ws.nthreads)
         w.budget, w.job = float(budget), job
         self._specs(w, specs)
@@ -331,6 +334,16 @@ class ContextRouter(SchedulerPlugin):
         for c in w.loading:
             self.state.contexts[c].allowed.add(worker)
         self._wake(replan=True)
+
+    def _show_page(self) -> None:
+        """Serve the dashboard's Contexts page once dask-context is in use here (a
+        scheduler started before ``import dask_context`` lacks it)."""
+        if not self._page:
+            self._page = True
+            try:
+                dashboard.install(self.scheduler)
+            except Exception:  # the page is a convenience: routing goes on without it
+                logger.warning("Could not add the Contexts page to the dashboard", exc_info=True)
 
     def file_peers(self, name: str, token: str) -> list[dict[str, str]]:
         """Scheduler handler: workers with a node-local copy of a context's files.
