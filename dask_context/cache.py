@@ -4,24 +4,37 @@
 creates one per worker and wires it in. It is thread-safe: tasks call :meth:`get`
 from the worker's executor threads, and loads run in the calling thread (or a
 background thread for eager loads), never on the event loop.
+
+Contexts on a GPU have a second tier: when one is evicted to make room (for the
+memory budget, after an out-of-memory error, or at the router's request), its
+tensors are copied to host memory (pinned where possible) within a host budget
+instead of being dropped, and the next :meth:`ContextCache.get` copies them back,
+which costs a host-to-device copy instead of a read from storage (as vLLM's sleep
+mode does). Host copies beyond the host budget are dropped, least recently used
+first. A :class:`Mover` does the copying: :class:`TorchMover` on real GPUs, a fake
+one in tests that run on CPUs.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import gc
 import inspect
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Collection, Hashable
+import traceback
+import types
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dask.sizeof import sizeof
 from dask.utils import format_bytes
 
-from dask_context import _compat
+from dask_context import _compat, devices
 from dask_context.errors import ContextTooLargeError, UnknownContextError
 from dask_context.policy import Resident, choose_victims, resolve_device
 from dask_context.spec import ContextSpec
@@ -29,6 +42,18 @@ from dask_context.spec import ContextSpec
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
+
+# Evictions that make room on a device: the context goes to the host tier (if it has
+# one) rather than away. Replaced, unregistered, explicitly evicted contexts go away.
+DEMOTE_REASONS = frozenset({"memory budget", "out of memory", "router"})
+
+# Most objects device_tensors looks into before it gives up on a context (it is then
+# dropped on eviction, as without a host tier): a bound on the time an eviction takes.
+WALK_LIMIT = 100_000
+
+# Objects device_tensors never looks into: they hold no context state of their own.
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
+           types.MethodType, str, bytes, bytearray, int, float, complex, bool, type(None))
 
 
 @sizeof.register_lazy("torch")
@@ -77,12 +102,230 @@ def place(obj: Any, device: str) -> Any:
     return obj
 
 
+@dataclass
+class HostCopy:
+    """A context evicted from its GPU and kept in host memory.
+
+    ``moved`` is what the :class:`Mover` moved (and moves back); ``host_nbytes`` what
+    the copy takes in host memory.
+    """
+
+    obj: Any
+    moved: Any
+    nbytes: int
+    host_nbytes: int
+    device: str
+    generation: int
+    last_used: float
+
+
 def release_device_memory() -> None:
-    """Return freed memory to the allocator and the CUDA driver after an eviction."""
+    """Return freed memory to the allocators and the CUDA driver after an eviction.
+
+    Also empties torch's cache of pinned host memory, so that dropped host copies
+    leave the process instead of staying cached outside the host budget.
+    """
     gc.collect()
     torch = _compat.torch_if_imported()
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+        empty_host_cache = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+        if empty_host_cache is not None:  # torch >= 2.8
+            empty_host_cache()
+
+
+def device_tensors(obj: Any, device_type: str) -> list[Any] | None:
+    """The distinct torch tensors on devices of type ``device_type`` inside ``obj``.
+
+    It looks through tuples, lists, sets, dicts, torch modules and the attributes of
+    other objects, so that a model inside a wrapper (``LanguageModel.model``) is
+    found. Returns None when the tensors cannot be moved one at a time: two of them
+    share storage (views, which moving would split into copies), or ``obj`` holds
+    more than :data:`WALK_LIMIT` objects.
+
+    Examples
+    --------
+    >>> import torch
+    >>> lin = torch.nn.Linear(2, 3)
+    >>> [tuple(t.shape) for t in device_tensors({"model": lin, "n": 3}, "cpu")]
+    [(3, 2), (3,)]
+    >>> device_tensors({"model": lin}, "cuda")
+    []
+    >>> t = torch.zeros(4)
+    >>> device_tensors([t, t[:2]], "cpu") is None
+    True
+    """
+    found = _walk_tensors(obj, device_type)
+    if found is None:
+        return None
+    storages = [
+        (t.device, t.untyped_storage().data_ptr()) for t in found.values() if t.nelement()
+    ]
+    if len(set(storages)) < len(storages):
+        return None
+    return list(found.values())
+
+
+def _walk_tensors(obj: Any, device_type: str) -> dict[int, Any] | None:
+    """Tensors on ``device_type`` reachable from ``obj``, by id; None past :data:`WALK_LIMIT`."""
+    torch = _compat.torch_if_imported()
+    if torch is None:
+        return {}
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+    queue = collections.deque([obj])
+    while queue:
+        item = queue.popleft()
+        if isinstance(item, _OPAQUE) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if len(seen) > WALK_LIMIT:
+            return None
+        if isinstance(item, torch.Tensor):
+            if item.device.type == device_type:
+                found[id(item)] = item
+        elif isinstance(item, dict):
+            queue.extend(item.values())
+        elif isinstance(item, (tuple, list, set, frozenset)):
+            queue.extend(item)
+        elif isinstance(getattr(item, "__dict__", None), dict):
+            queue.extend(vars(item).values())
+    return found
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says a device (or the host) ran out of memory.
+
+    Examples
+    --------
+    >>> is_out_of_memory(MemoryError())
+    True
+    >>> is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    True
+    >>> is_out_of_memory(RuntimeError("shape mismatch"))
+    False
+    """
+    torch = _compat.torch_if_imported()
+    if isinstance(exc, MemoryError):
+        return True
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # CUDA errors raised outside torch's allocator (cuBLAS handles, a new CUDA
+    # context) come as plain RuntimeErrors
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+
+
+def pinned_size(nbytes: int) -> int:
+    """Host bytes torch's pinned-memory allocator takes for ``nbytes``: it rounds each
+    block up to a power of two.
+
+    Examples
+    --------
+    >>> pinned_size(1000), pinned_size(1024), pinned_size(0)
+    (1024, 1024, 0)
+    """
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+class Mover(Protocol):
+    """How a :class:`ContextCache` moves contexts between a device and host memory."""
+
+    def place(self, obj: Any, device: str) -> Any:
+        """Put a freshly loaded context on ``device``; return it."""
+
+    def find(self, obj: Any, device: str, others: Sequence[Any]) -> Any | None:
+        """What of ``obj`` (a context on ``device``) would move to the host, or None
+        when nothing would: a context on the CPU, or one that cannot move, such as one
+        sharing tensors with ``others`` (the contexts that stay)."""
+
+    def host_nbytes(self, moved: Any) -> int:
+        """Host bytes a copy of ``moved`` takes."""
+
+    def to_host(self, moved: Any) -> None:
+        """Copy ``moved`` to host memory, freeing it on its device."""
+
+    def to_device(self, moved: Any) -> None:
+        """Copy ``moved`` back where it was."""
+
+    def release(self) -> None:
+        """Give freed memory back (after an eviction, a failure or a dropped copy)."""
+
+    def memory(self, device: str) -> tuple[int, int] | None:
+        """Free and total bytes of ``device``, None if unknown."""
+
+
+class TorchMover:
+    """The real :class:`Mover`: torch tensors between GPUs and (pinned) host memory.
+
+    It moves every tensor of a context that lives on a GPU, by swapping the tensor's
+    data in place (``tensor.data = copy``), so that modules, wrappers and containers
+    keep their identity and whoever holds the context sees it moved.
+    """
+
+    def place(self, obj: Any, device: str) -> Any:
+        return place(obj, device)
+
+    def find(self, obj: Any, device: str, others: Sequence[Any]) -> list[tuple[Any, Any]] | None:
+        if not device.startswith("cuda") or _compat.torch_if_imported() is None:
+            return None
+        tensors = device_tensors(obj, "cuda")
+        if not tensors:
+            return None
+        # moving a tensor another context uses (a shared base model) would pull it
+        # from under that context
+        kept = _walk_tensors(others, "cuda")
+        if kept is None or not kept.keys().isdisjoint(map(id, tensors)):
+            logger.info("A context may share tensors with another one: it is not copied to the host")
+            return None
+        return [(t, t.device) for t in tensors]
+
+    def host_nbytes(self, moved: list[tuple[Any, Any]]) -> int:
+        sizes = [t.element_size() * t.nelement() for t, _ in moved]
+        return sum(pinned_size(n) for n in sizes) if self._pin() else sum(sizes)
+
+    def to_host(self, moved: list[tuple[Any, Any]]) -> None:
+        import torch
+
+        pin = self._pin()
+        for t, _ in moved:
+            host = None
+            if pin:
+                try:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                except RuntimeError:
+                    # page-locked memory is scarcer than memory: fall back to pageable
+                    logger.info("No pinned host memory left; host copies are pageable")
+                    pin = False
+            if host is None:
+                host = torch.empty(t.shape, dtype=t.dtype)
+            # non-blocking only into pinned memory: into pageable memory it is unsafe
+            host.copy_(t, non_blocking=pin)
+            t.data = host
+        self._synchronize(moved)
+
+    def to_device(self, moved: list[tuple[Any, Any]]) -> None:
+        for t, device in moved:
+            # from pinned memory the copies overlap; synchronize waits for them all
+            t.data = t.data.to(device, non_blocking=True)
+        self._synchronize(moved)
+
+    def release(self) -> None:
+        release_device_memory()
+
+    def memory(self, device: str) -> tuple[int, int] | None:
+        return devices.memory_info(device)
+
+    @staticmethod
+    def _pin() -> bool:
+        torch = _compat.torch_if_imported()
+        return torch is not None and torch.cuda.is_available()
+
+    @staticmethod
+    def _synchronize(moved: list[tuple[Any, Any]]) -> None:
+        import torch
+
+        for device in {d for _, d in moved if d.type == "cuda"}:
+            torch.cuda.synchronize(device)
 
 
 class ContextCache:
@@ -111,6 +354,15 @@ class ContextCache:
     stage
         For specs with ``files``: returns the local directory to pass to the loader
         (the worker stages a node-local copy); by default the spec's own path.
+    host_budget
+        Bytes of host memory for copies of contexts evicted from a GPU (0: none are
+        kept). "loaded" events say where a context came from (``"from"``: "host" or
+        "storage"), "evicted" events where it went (``"tier"``: "host" or None).
+    mover
+        Moves contexts between devices and host memory; :class:`TorchMover` by default.
+    torch_threads
+        torch's intra-op threads, set once torch is imported in this process (loaders
+        import it lazily, so a worker whose contexts do not use torch never does).
 
     Examples
     --------
@@ -139,8 +391,15 @@ class ContextCache:
         assigned: Callable[[], Collection[str]] = frozenset,
         gpu_free: list[int] | None = None,
         stage: Callable[[ContextSpec], str] = lambda spec: spec.files,
+        host_budget: float = 0.0,
+        mover: Mover | None = None,
+        torch_threads: int | None = None,
     ):
         self.budget = budget
+        self.host_budget = host_budget
+        self._mover: Mover = mover or TorchMover()
+        self._torch_threads = torch_threads
+        self._torch_threads_set = False
         self._stage = stage
         self.device = device
         self.failed_load_retry = failed_load_retry
@@ -158,7 +417,15 @@ class ContextCache:
         self._measured: dict[str, int] = {}
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
+        # the host tier: copies of evicted contexts, the bytes reserved by copies
+        # under way, and an event per context being copied to the host right now
+        self._host: dict[str, HostCopy] = {}
+        self._host_reserved = 0
+        self._demoting: dict[str, threading.Event] = {}
         self.loads: dict[str, int] = {}
+        # loads served from the host tier (not counted in ``loads``)
+        self.rewarms: dict[str, int] = {}
+        self._set_torch_threads()
 
     # ------------------------------------------------------------------ specs
     def add(self, spec: ContextSpec) -> None:
@@ -174,6 +441,7 @@ class ContextCache:
             self._load_locks.setdefault(spec.name, threading.Lock())
         if old is not None:
             self.evict(spec.name, reason="replaced")
+            self._drop_host_copy(spec.name, reason="replaced")
 
     def remove(self, name: str) -> None:
         """Forget ``name`` and free its memory (a load under way is thrown away)."""
@@ -183,6 +451,7 @@ class ContextCache:
             self._failures.pop(name, None)
             self._measured.pop(name, None)
         self.evict(name, reason="unregistered")
+        self._drop_host_copy(name, reason="unregistered")
 
     def names(self) -> list[str]:
         return sorted(self._specs)
@@ -215,9 +484,10 @@ class ContextCache:
                     return entry.obj
                 self._check_known(name)
                 self._raise_recent_failure(name)
+                self._wait_for_demotion(name)
                 with self._lock:
                     spec, generation = self._specs[name], self._generation[name]
-                entry = self._load(spec, key, generation)
+                entry = self._promote(spec, key, generation)
                 if entry is not None:
                     return entry.obj
                 # the spec was replaced or removed while it loaded: load the new one
@@ -254,6 +524,14 @@ class ContextCache:
                         entry.users &= set(self._running())
             return entry
 
+    def _wait_for_demotion(self, name: str) -> None:
+        """Wait while ``name`` is being copied to the host: the copy is then the
+        quickest way back."""
+        with self._lock:
+            demoting = self._demoting.get(name)
+        if demoting is not None:
+            demoting.wait()
+
     def _raise_recent_failure(self, name: str) -> None:
         failure = self._failures.get(name)
         if failure is None:
@@ -271,11 +549,8 @@ class ContextCache:
         # after making as much room as there is
         estimate = self._measured.get(name, spec.memory or 0)
         self._make_room(name, min(estimate, self.budget))
-        with self._lock:
-            self._loading.add(name)
-        self._emit({"action": "loading", "context": name, "key": plain_key(key)})
+        self._start_loading(name, key, "storage")
         start = time.perf_counter()
-        device = "cpu"
         try:
             device = resolve_device(
                 self.device if spec.device == "auto" else spec.device, self._gpu_free
@@ -291,44 +566,96 @@ class ContextCache:
         except BaseException as exc:
             self._failed(spec, exc, generation)
             raise
-        seconds = time.perf_counter() - start
-        entry = Entry(obj, nbytes, device, seconds, time.monotonic())
-        if key is not None:
-            entry.users.add(key)
-        with self._lock:
-            self._loading.discard(name)
-            current = self._generation.get(name) == generation
-            if current:
-                self._entries[name] = entry
-                self._measured[name] = nbytes
-                self.loads[name] = self.loads.get(name, 0) + 1
-        if not current:
-            del entry, obj
-            release_device_memory()
-            logger.info("Context %r changed while it loaded: the old load is thrown away", name)
-            self._emit({"action": "evicted", "context": name, "reason": "replaced while loading",
-                        "resident": self.resident_bytes()})
+        entry = Entry(obj, nbytes, device, time.perf_counter() - start, time.monotonic())
+        del obj
+        if not self._commit(name, entry, key, generation, self.loads):
+            del entry
+            self._discard_stale(name)
             return None
         if nbytes > estimate:
             # the estimate was low: make room for what the context really takes
             self._make_room(name, 0)
+        self._loaded(name, entry, key, "storage")
+        return entry
+
+    def _promote(self, spec: ContextSpec, key: Hashable | None, generation: int) -> Entry | None:
+        """Bring ``spec``'s context back from the host tier, or load it when it has no host copy."""
+        name = spec.name
+        with self._lock:
+            copy = self._host.pop(name, None)
+        if copy is None:
+            return self._load(spec, key, generation)
+        self._make_room(name, copy.nbytes)
+        self._start_loading(name, key, "host")
+        start = time.perf_counter()
+        moved = copy.moved
+        try:
+            self._retry_out_of_memory(
+                name, copy.device, functools.partial(self._mover.to_device, moved)
+            )
+        except BaseException as exc:
+            # part of it may be on the device already: drop it whole (the next try
+            # loads from storage) before the failure is remembered
+            del copy, moved
+            self._failed(spec, exc, generation)
+            raise
+        entry = Entry(copy.obj, copy.nbytes, copy.device, time.perf_counter() - start,
+                      time.monotonic())
+        del copy, moved
+        if not self._commit(name, entry, key, generation, self.rewarms):
+            del entry
+            self._discard_stale(name)
+            return None
+        self._loaded(name, entry, key, "host")
+        return entry
+
+    def _start_loading(self, name: str, key: Hashable | None, source: str) -> None:
+        with self._lock:
+            self._loading.add(name)
+        self._emit({"action": "loading", "context": name, "key": plain_key(key), "from": source})
+
+    def _commit(
+        self, name: str, entry: Entry, key: Hashable | None, generation: int, counts: dict[str, int]
+    ) -> bool:
+        """Make ``entry`` resident, unless the spec changed while it loaded."""
+        if key is not None:
+            entry.users.add(key)
+        with self._lock:
+            self._loading.discard(name)
+            if self._generation.get(name) != generation:
+                return False
+            self._entries[name] = entry
+            self._measured[name] = entry.nbytes
+            counts[name] = counts.get(name, 0) + 1
+        return True
+
+    def _discard_stale(self, name: str) -> None:
+        self._mover.release()
+        logger.info("Context %r changed while it loaded: the old load is thrown away", name)
+        self._emit({"action": "evicted", "context": name, "reason": "replaced while loading",
+                    "resident": self.resident_bytes()})
+
+    def _loaded(self, name: str, entry: Entry, key: Hashable | None, source: str) -> None:
         logger.info(
-            "Loaded context %r on %s in %.2f s (%s)",
-            name, device, seconds, format_bytes(nbytes),
+            "Loaded context %r on %s from %s in %.2f s (%s)",
+            name, entry.device, source, entry.load_seconds, format_bytes(entry.nbytes),
         )
         self._emit(
             {"action": "loaded", "context": name, "key": plain_key(key),
-             "seconds": seconds, "nbytes": nbytes, "device": device,
-             "resident": self.resident_bytes()}
+             "seconds": entry.load_seconds, "nbytes": entry.nbytes, "device": entry.device,
+             "from": source, "resident": self.resident_bytes(), "host": self.host_bytes()}
         )
-        return entry
 
     def _failed(self, spec: ContextSpec, exc: BaseException, generation: int) -> None:
+        # the finished frames of the failed load hold what it had allocated (a
+        # half-built model on the GPU): free it now, not when the failure is forgotten
+        traceback.clear_frames(exc.__traceback__)
+        self._mover.release()
+        # remembered from now on (other threads wait on this context's load lock)
         with self._lock:
             self._loading.discard(spec.name)
             if self._generation.get(spec.name) == generation:
                 self._failures[spec.name] = (exc, exc.__traceback__, time.monotonic())
-        release_device_memory()
         exc.add_note(f"dask-context: loading context {spec.name!r} failed")
         logger.warning("Loading context %r failed: %r", spec.name, exc)
         self._emit(
@@ -341,14 +668,66 @@ class ContextCache:
         if "device" not in kwargs and _accepts_device(spec.loader):
             kwargs["device"] = device
         args = (self._stage(spec), *spec.args) if spec.files is not None else spec.args
-        try:
-            obj = spec.loader(*args, **kwargs)
-        except Exception as exc:
-            if not _out_of_memory(exc) or not self._evict_unused():
-                raise
-            logger.warning("Out of memory loading %r; evicted idle contexts, retrying", spec.name)
-            obj = spec.loader(*args, **kwargs)
-        return place(obj, device)
+
+        def load() -> Any:
+            # torch is set up before the load if something imported it already, and
+            # after it if the loader did, before any task uses it
+            self._set_torch_threads()
+            try:
+                return self._mover.place(spec.loader(*args, **kwargs), device)
+            finally:
+                self._set_torch_threads()
+
+        return self._retry_out_of_memory(spec.name, device, load)
+
+    def _retry_out_of_memory(self, name: str, device: str, attempt: Callable[[], Any]) -> Any:
+        """Run ``attempt`` (a load, or a copy back to ``device``); after an out-of-memory
+        error evict the idle contexts and run it once more.
+
+        Raises
+        ------
+        ContextTooLargeError
+            If memory runs out with no idle context left to evict.
+        """
+        retried = False
+        while True:
+            try:
+                return attempt()
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # the frames of the failed attempt hold what it allocated: free it
+                # before evicting, retrying or measuring the free memory
+                traceback.clear_frames(exc.__traceback__)
+                if retried or not self._evict_unused():
+                    raise self._too_large(name, device, exc) from exc
+            retried = True
+            logger.warning("Out of memory loading %r on %s; evicted idle contexts, retrying",
+                           name, device)
+
+    def _too_large(self, name: str, device: str, exc: BaseException) -> ContextTooLargeError:
+        self._mover.release()
+        memory = self._mover.memory(device)
+        free = (
+            f"{format_bytes(memory[0])} free of {format_bytes(memory[1])}"
+            if memory is not None else "free memory unknown"
+        )
+        return ContextTooLargeError(
+            f"context {name!r} does not fit on {device}: {type(exc).__name__} while loading "
+            f"it, with {free} on {device} and {format_bytes(self.used_bytes())} of other "
+            "contexts in use on this worker"
+        )
+
+    def _set_torch_threads(self) -> None:
+        """Give torch its intra-op thread count once something in this process imported it."""
+        if self._torch_threads is None or self._torch_threads_set:
+            return
+        torch = _compat.torch_if_imported()
+        if torch is None:
+            return
+        torch.set_num_threads(self._torch_threads)
+        self._torch_threads_set = True
+        logger.debug("torch uses %d intra-op threads", self._torch_threads)
 
     # ------------------------------------------------------------------ evict
     def _protected(self) -> set[str]:
@@ -381,6 +760,22 @@ class ContextCache:
                 format_bytes(int(left)), format_bytes(int(self.budget)),
             )
 
+    def trim(self) -> list[str]:
+        """While this worker holds more than its budget, evict the least recently used
+        contexts that no task here needs; return them.
+
+        That happens when a context measured larger than its estimate was loaded
+        beside contexts that tasks were still using.
+        """
+        before = self.resident_bytes()
+        if sum(before.values()) <= self.budget:
+            return []
+        self._make_room("", 0)
+        return sorted(set(before) - set(self.resident_bytes()))
+
+    def over_budget(self) -> bool:
+        return self.used_bytes() > self.budget
+
     def _evict_unused(self) -> bool:
         protected = self._protected()
         with self._lock:
@@ -404,27 +799,104 @@ class ContextCache:
         return out
 
     def evict(self, name: str, reason: str = "requested") -> bool:
-        """Drop ``name`` if it is loaded; return whether it was."""
+        """Evict ``name`` if it is loaded; return whether it was.
+
+        For the reasons in :data:`DEMOTE_REASONS` a context on a GPU goes to the host
+        tier, when it fits there; for the others (and on the CPU) it is dropped.
+        """
         with self._lock:
             entry = self._entries.pop(name, None)
-        if entry is None:
-            return False
+            if entry is None:
+                return False
+            demote = reason in DEMOTE_REASONS and self.host_budget > 0
+            if demote:
+                generation = self._generation.get(name, 0)
+                demoting = self._demoting[name] = threading.Event()
         nbytes = entry.nbytes
         start = time.perf_counter()
+        tier = None
+        if demote:
+            try:
+                tier = self._demote(name, entry, generation)
+            except Exception:
+                # a host copy is an optimisation: the eviction itself must go on
+                logger.warning("Keeping context %r in host memory failed: it is dropped", name,
+                               exc_info=True)
+            finally:
+                with self._lock:
+                    del self._demoting[name]
+                demoting.set()
         del entry
-        release_device_memory()
+        self._mover.release()
         seconds = time.perf_counter() - start
-        logger.info("Evicted context %r (%s): %s", name, format_bytes(nbytes), reason)
+        logger.info("Evicted context %r (%s) to %s: %s",
+                    name, format_bytes(nbytes), "host memory" if tier else "nowhere", reason)
         self._emit(
             {"action": "evicted", "context": name, "reason": reason, "seconds": seconds,
-             "resident": self.resident_bytes()}
+             "tier": tier, "resident": self.resident_bytes(), "host": self.host_bytes()}
         )
         return True
 
+    def _demote(self, name: str, entry: Entry, generation: int) -> str | None:
+        """Copy ``entry``'s context to the host tier; return "host", or None if it is not kept."""
+        with self._lock:
+            others = [e.obj for e in self._entries.values()]
+        moved = self._mover.find(entry.obj, entry.device, others)
+        if moved is None:
+            return None
+        host_nbytes = self._mover.host_nbytes(moved)
+        if not self._reserve_host(host_nbytes):
+            logger.info("Context %r (%s in host memory) does not fit in the host budget of %s",
+                        name, format_bytes(host_nbytes), format_bytes(int(self.host_budget)))
+            return None
+        try:
+            self._mover.to_host(moved)
+        except BaseException:
+            with self._lock:
+                self._host_reserved -= host_nbytes
+            raise
+        copy = HostCopy(entry.obj, moved, entry.nbytes, host_nbytes, entry.device, generation,
+                        entry.last_used)
+        with self._lock:
+            self._host_reserved -= host_nbytes
+            if self._generation.get(name) != generation:
+                return None  # replaced or unregistered while it was copied
+            self._host[name] = copy
+        return "host"
+
+    def _reserve_host(self, nbytes: int) -> bool:
+        """Make room for ``nbytes`` in the host tier, dropping least recently used copies."""
+        with self._lock:
+            needed = nbytes + self._host_reserved
+            if needed > self.host_budget:
+                return False
+            held = {n: Resident(c.host_nbytes, c.last_used) for n, c in self._host.items()}
+            victims = choose_victims(held, needed, self.host_budget)
+            dropped = [self._host.pop(v) for v in victims]
+            self._host_reserved += nbytes
+        if dropped:
+            logger.info("Dropped host copies of %s to make room in host memory",
+                        ", ".join(repr(v) for v in victims))
+            # free their memory before the new copy takes its own
+            del dropped
+            self._mover.release()
+        return True
+
+    def _drop_host_copy(self, name: str, reason: str) -> None:
+        with self._lock:
+            copy = self._host.pop(name, None)
+        if copy is None:
+            return
+        del copy
+        self._mover.release()
+        logger.info("Dropped the host copy of context %r: %s", name, reason)
+
     def clear(self) -> None:
-        """Evict everything (worker teardown)."""
+        """Evict everything, host copies included (worker teardown)."""
         for name in list(self._entries):
             self.evict(name, reason="teardown")
+        for name in list(self._host):
+            self._drop_host_copy(name, reason="teardown")
 
     # ------------------------------------------------------------------ state
     def used_bytes(self) -> int:
@@ -435,6 +907,11 @@ class ContextCache:
         """Loaded contexts and their sizes, as sent to the scheduler."""
         with self._lock:
             return {n: e.nbytes for n, e in self._entries.items()}
+
+    def host_bytes(self) -> dict[str, int]:
+        """Contexts in the host tier and the host memory each takes."""
+        with self._lock:
+            return {n: c.host_nbytes for n, c in self._host.items()}
 
     def loading(self) -> list[str]:
         with self._lock:
@@ -447,12 +924,6 @@ def _accepts_device(loader: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     return "device" in params
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    torch = _compat.torch_if_imported()
-    oom = (MemoryError,) + ((torch.OutOfMemoryError,) if torch is not None else ())
-    return isinstance(exc, oom)
 
 
 def plain_key(key: Hashable | None) -> Any:

@@ -312,6 +312,7 @@ class ContextRouter(SchedulerPlugin):
     def worker_joined(
         self, worker: str, budget: float, device: str, job: str | None,
         specs: dict[str, dict[str, Any]], resident: dict[str, int], loading: list[str],
+        host: dict[str, int] | None = None,
     ) -> None:
         """Scheduler handler: a worker's contexts (its plugins just set one up).
 
@@ -322,7 +323,8 @@ class ContextRouter(SchedulerPlugin):
         ws = self.scheduler.workers.get(worker)
         if ws is None:
             self._announced[worker] = dict(
-                budget=budget, device=device, job=job, specs=specs, resident=resident, loading=loading
+                budget=budget, device=device, job=job, specs=specs, resident=resident,
+                loading=loading, host=host,
             )
             return
         self._show_page()
@@ -330,6 +332,7 @@ class ContextRouter(SchedulerPlugin):
         w.budget, w.job = float(budget), job
         self._specs(w, specs)
         self._resident(w, resident)
+        w.host = {c: int(n) for c, n in (host or {}).items() if c in self.state.contexts}
         w.loading = {c for c in loading if c in self.state.contexts}
         for c in w.loading:
             self.state.contexts[c].allowed.add(worker)
@@ -381,6 +384,7 @@ class ContextRouter(SchedulerPlugin):
             c = st.contexts[name]
             contexts[name] = {
                 "loads": c.loads,
+                "rewarms": c.rewarms,
                 "load_seconds": c.load_seconds,
                 "load_time": c.load_time,
                 "nbytes": c.nbytes,
@@ -403,6 +407,7 @@ class ContextRouter(SchedulerPlugin):
             a: {
                 "budget": w.budget,
                 "resident": dict(w.resident),
+                "host": dict(w.host),
                 "loading": sorted(w.loading),
                 "inflight": w.inflight(),
                 "job": w.job,
@@ -543,6 +548,8 @@ class ContextRouter(SchedulerPlugin):
             w.budget = float(msg["budget"])
         if "resident" in msg:
             self._resident(w, msg["resident"])
+        if "host" in msg:
+            w.host = {c: int(n) for c, n in msg["host"].items() if c in self.state.contexts}
         action, name = msg.get("action"), msg.get("context")
         if action == "specs":
             self._specs(w, msg["specs"])
@@ -561,10 +568,14 @@ class ContextRouter(SchedulerPlugin):
             w.loading.discard(name)
             w.chosen.pop(name, None)
             ctx.allowed.add(w.address)
-            ctx.loads += 1
-            ctx.load_seconds += msg["seconds"]
-            observe(ctx.load_buckets, msg["seconds"])
-            ctx.load_time = _ema(ctx.load_time, msg["seconds"])
+            if msg.get("from") == "host":
+                # a copy back from host memory says nothing of a load from storage
+                ctx.rewarms += 1
+            else:
+                ctx.loads += 1
+                ctx.load_seconds += msg["seconds"]
+                observe(ctx.load_buckets, msg["seconds"])
+                ctx.load_time = _ema(ctx.load_time, msg["seconds"])
             ctx.nbytes = int(msg["nbytes"])
             task = st.tasks.get(_key(msg.get("key")))
             if task is not None:

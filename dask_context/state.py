@@ -87,6 +87,8 @@ class WorkerRecord:
     #: contexts whose worker plugin is set up here, with the token of their spec
     specs: dict[str, str] = field(default_factory=dict)
     resident: dict[str, int] = field(default_factory=dict)
+    #: contexts kept in host memory after leaving its GPU (they re-warm by a copy)
+    host: dict[str, int] = field(default_factory=dict)
     loading: set[str] = field(default_factory=set)
     #: contexts the router chose this worker to warm, and since when
     chosen: dict[str, float] = field(default_factory=dict)
@@ -140,6 +142,8 @@ class ContextRecord:
     staged: dict[str, str] = field(default_factory=dict)
     files: str | None = None
     loads: int = 0
+    #: warm-ups from a worker's host-memory copy (a copy to the GPU, not a load)
+    rewarms: int = 0
     load_seconds: float = 0.0
     load_buckets: list[int] = field(default_factory=_buckets)
     evictions: int = 0
@@ -184,7 +188,7 @@ class RouterState:
         """Drop a context everywhere; return its tasks (the caller fails or frees them)."""
         self.contexts.pop(name)
         for w in self.workers.values():
-            for table in (w.specs, w.resident, w.chosen, w.last_used, w.tasks, w.failed):
+            for table in (w.specs, w.resident, w.host, w.chosen, w.last_used, w.tasks, w.failed):
                 table.pop(name, None)
             w.loading.discard(name)
             w.evicting.discard(name)

@@ -22,10 +22,9 @@ from dask.utils import format_bytes
 from distributed import Reschedule, WorkerPlugin, get_worker
 from distributed.utils import key_split_group
 
-from dask_context import _compat, config
+from dask_context import _compat, config, devices
 from dask_context.cache import ContextCache, plain_key
 from dask_context.errors import NotRegisteredError, UnknownContextError, error_payload
-from dask_context.policy import resolve_device
 from dask_context.spec import ContextSpec
 from dask_context.staging import Stager
 
@@ -108,6 +107,7 @@ class WorkerContexts(WorkerPlugin):
         self._reported: set[tuple[str, str, str]] = set()
         # keys sent back to the scheduler after a failed load, and when
         self._rescheduled: dict[Hashable, float] = {}
+        self._trimming = False
 
     # ------------------------------------------------------------ specs
     async def add(self, spec: ContextSpec) -> None:
@@ -138,6 +138,7 @@ class WorkerContexts(WorkerPlugin):
             "specs": self.cache.specs(),
             "resident": self.cache.resident_bytes(),
             "loading": self.cache.loading(),
+            "host": self.cache.host_bytes(),
         }
 
     async def evict(self, names: list[str]) -> list[str]:
@@ -174,6 +175,12 @@ class WorkerContexts(WorkerPlugin):
                 raise Reschedule() from None
             raise
 
+    async def _trim(self) -> None:
+        try:
+            await asyncio.to_thread(self.cache.trim)
+        finally:
+            self._trimming = False
+
     def _report(self, key: Hashable, action: str, name: str) -> None:
         """Tell the router, once per task group, that its tasks use (or do not use) ``name``."""
         group = key_split_group(key)
@@ -198,6 +205,10 @@ class WorkerContexts(WorkerPlugin):
         used = self._used.pop(key, None)
         if finish != "memory":
             return
+        if used and not self._trimming and self.cache.over_budget():
+            # the tasks that kept an extra context resident are done with it
+            self._trimming = True
+            self.worker.loop.add_callback(self._trim)
         wanted = _compat.task_annotations(self.worker, key).get("context")
         if isinstance(wanted, str) and wanted not in (used or ()):
             # routed as needing a context but never asked for it: the router
@@ -212,9 +223,9 @@ async def worker_contexts(worker: Worker) -> WorkerContexts:
     """The worker's :class:`WorkerContexts`, created on first call.
 
     Creation asks the router for the worker settings (a restarted worker gets the
-    ones the cluster was given), imports torch, sets its thread count and looks at
-    the GPUs, off the event loop. Concurrent callers (one plugin per context) share
-    the one creation.
+    ones the cluster was given) and looks at the GPUs (off the event loop, without
+    importing torch). Concurrent callers (one plugin per context) share the one
+    creation.
     """
     contexts = worker.extensions.get(EXTENSION)
     if isinstance(contexts, WorkerContexts):
@@ -233,9 +244,14 @@ async def _create(worker: Worker) -> WorkerContexts:
     settings = await _settings(worker)
     retry = config.get_seconds("worker.failed-load-retry", settings["failed-load-retry"])
     threads = settings["torch-threads"] or worker.state.nthreads
-    gpu_free, gpu_total = await asyncio.to_thread(_probe_torch, int(threads))
-    device = resolve_device(settings["device"], gpu_free)
-    budget = _budget(settings, device, gpu_total, worker.memory_manager.memory_limit)
+    # NVML or nvidia-smi, never torch: a worker whose contexts do not use torch
+    # must not pay for importing it (the cache sets torch's threads once it is imported)
+    gpus = await asyncio.to_thread(devices.discover)
+    own_first = devices.visible_ids(os.environ.get("CUDA_VISIBLE_DEVICES")) is not None
+    device = devices.choose_device(settings["device"], gpus, own_first)
+    memory_limit = worker.memory_manager.memory_limit
+    budget = devices.memory_budget(settings, device, gpus, memory_limit)
+    host_budget = devices.host_budget(settings["host-memory-budget"], device, memory_limit)
     holder: list[WorkerContexts] = []
     stager = Stager(
         worker,
@@ -249,8 +265,10 @@ async def _create(worker: Worker) -> WorkerContexts:
         failed_load_retry=retry,
         running=lambda: _compat.running_keys(worker),
         assigned=lambda: _compat.assigned_contexts(worker),
-        gpu_free=gpu_free,
+        gpu_free=[gpu.free or 0 for gpu in gpus],
         stage=stager.stage,
+        host_budget=host_budget,
+        torch_threads=int(threads),
     )
     contexts = WorkerContexts(worker, cache, device, _compat.batch_job())
     holder.append(contexts)
@@ -259,10 +277,12 @@ async def _create(worker: Worker) -> WorkerContexts:
     worker.handlers["dask_context_state"] = contexts.state
     worker.handlers.update(stager.handlers())
     await worker.plugin_add(contexts, name=WorkerContexts.name)
-    worker.log_event(TOPIC, {"action": "hello", "budget": budget, "device": device, "job": contexts.job})
+    worker.log_event(TOPIC, {"action": "hello", "budget": budget, "device": device,
+                             "job": contexts.job, "host_budget": host_budget})
     logger.info(
-        "dask-context on %s: device %s, memory budget %s",
+        "dask-context on %s: device %s, memory budget %s, host budget %s",
         worker.address, device, "unlimited" if math.isinf(budget) else format_bytes(int(budget)),
+        format_bytes(int(host_budget)),
     )
     return contexts
 
@@ -284,44 +304,6 @@ async def _settings(worker: Worker) -> dict[str, Any]:
         if "dask_context_settings" not in str(exc):
             raise
         return settings
-
-
-def _probe_torch(nthreads: int) -> tuple[list[int], list[int]]:
-    """Set torch's intra-op threads; return free and total bytes per visible GPU."""
-    try:
-        import torch
-    except ImportError:
-        return [], []
-    torch.set_num_threads(nthreads)
-    if not torch.cuda.is_available():
-        return [], []
-    info = [torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())]
-    return [free for free, _ in info], [total for _, total in info]
-
-
-def _budget(settings: dict[str, Any], device: str, gpu_total: list[int], memory_limit: int | None) -> float:
-    """The worker's memory budget for contexts, from ``worker.memory-budget``.
-
-    Examples
-    --------
-    >>> s = {"memory-budget": "auto", "memory-fraction": 0.8}
-    >>> _budget(s, "cpu", [], memory_limit=10_000)
-    8000.0
-    >>> _budget(s, "cuda:1", [100, 1000], memory_limit=10_000)
-    800.0
-    >>> _budget(s, "cpu", [], memory_limit=None)
-    inf
-    >>> _budget({**s, "memory-budget": "1 kiB"}, "cpu", [], memory_limit=10_000)
-    1024.0
-    """
-    setting = settings["memory-budget"]
-    if setting not in ("auto", None):
-        return float(config.get_bytes("worker.memory-budget", setting))
-    if device.startswith("cuda"):
-        total = gpu_total[int(device.split(":")[1])]
-    else:
-        total = memory_limit or math.inf
-    return total * config.get_fraction("worker.memory-fraction", settings["memory-fraction"])
 
 
 def get_context(name: str) -> Any:

@@ -164,3 +164,269 @@ def test_replacing_and_removing_specs_frees_memory():
     assert cache.get("r")["name"] == "v2"
     cache.remove("r")
     assert cache.names() == [] and cache.resident_bytes() == {}
+
+
+# ---------------------------------------------------------------- host tier, on CPUs
+class FakeGPU:
+    """A :class:`~dask_context.cache.Mover` for machines without a GPU.
+
+    A context is a ``blob`` dict; its ``"on"`` field says where its data is. Copies
+    to the device take ``copy_seconds``; ``oom`` makes the next copies to the device
+    raise CUDA's out-of-memory error.
+    """
+
+    def __init__(self, copy_seconds=0.0, to_host_seconds=0.0, free=(10 * 2**30, 80 * 2**30)):
+        self.copy_seconds = copy_seconds
+        self.to_host_seconds = to_host_seconds
+        self.free = free
+        self.oom = 0
+        self.calls = []
+
+    def place(self, obj, device):
+        obj["on"] = device
+        return obj
+
+    def find(self, obj, device, others):
+        return [(obj, device)] if device.startswith("cuda") else None
+
+    def host_nbytes(self, moved):
+        return sum(len(obj["data"]) for obj, _ in moved)
+
+    def to_host(self, moved):
+        time.sleep(self.to_host_seconds)
+        for obj, _ in moved:
+            self.calls.append(("to_host", obj["name"]))
+            obj["on"] = "host"
+
+    def to_device(self, moved):
+        if self.oom:
+            self.oom -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        time.sleep(self.copy_seconds)
+        for obj, device in moved:
+            self.calls.append(("to_device", obj["name"]))
+            obj["on"] = device
+
+    def release(self):
+        self.calls.append(("release",))
+
+    def memory(self, device):
+        return self.free
+
+
+def gpu_cache(contexts=1.5, host=0, mover=None, **kwargs):
+    """A cache on a fake "cuda:0" with a budget of ``contexts`` blobs of 1000 bytes and
+    a host budget of ``host`` of them."""
+    one = sizeof(blob("x"))
+    mover = mover or FakeGPU()
+    cache, events = make_cache(budget=contexts * one, host_budget=host * 1000, device="cuda:0",
+                               gpu_free=[80 * 2**30], mover=mover, **kwargs)
+    return cache, events, mover
+
+
+def last(events, action, name=None):
+    return next(e for e in reversed(events) if e["action"] == action and name in (None, e["context"]))
+
+
+def test_an_evicted_gpu_context_comes_back_from_host_memory():
+    cache, events, _ = gpu_cache(host=2, mover=FakeGPU(copy_seconds=0.01))
+    for name in "ab":
+        cache.add(ContextSpec(name, blob, args=[name], kwargs={"seconds": 0.2}))
+    a = cache.get("a")
+    assert a["on"] == "cuda:0" and last(events, "loaded")["from"] == "storage"
+    cache.get("b")  # over the budget: a goes to the host
+    evicted = last(events, "evicted", "a")
+    assert evicted["reason"] == "memory budget" and evicted["tier"] == "host"
+    assert a["on"] == "host" and cache.host_bytes() == {"a": 1000} and "a" not in cache.resident_bytes()
+
+    assert cache.get("a") is a and a["on"] == "cuda:0"  # the same object, not a new load
+    back = last(events, "loaded", "a")
+    assert back["from"] == "host" and back["device"] == "cuda:0"
+    assert back["seconds"] < 0.1 and last(events, "loaded", "b")["seconds"] >= 0.2
+    assert cache.loads == {"a": 1, "b": 1} and cache.rewarms == {"a": 1}
+    assert set(cache.resident_bytes()) == {"a"} and set(cache.host_bytes()) == {"b"}
+    assert [e.get("from") for e in events if e["action"] == "loading"] == ["storage", "storage", "host"]
+
+
+def test_host_copies_past_the_host_budget_go_least_recently_used_first():
+    cache, events, _ = gpu_cache(host=1.5)  # one host copy
+    for name in "abc":
+        cache.add(ContextSpec(name, blob, args=[name]))
+    cache.get("a")
+    cache.get("b")  # a -> host
+    cache.get("c")  # b -> host, a's copy is dropped
+    assert cache.host_bytes() == {"b": 1000}
+    cache.get("a")  # from storage again; c -> host, b dropped
+    assert last(events, "loaded", "a")["from"] == "storage" and cache.loads["a"] == 2
+    assert cache.host_bytes() == {"c": 1000}
+    assert sum(cache.host_bytes().values()) <= cache.host_budget
+
+
+def test_a_context_larger_than_the_host_budget_is_dropped():
+    cache, events, mover = gpu_cache(host=0.5)
+    for name in "ab":
+        cache.add(ContextSpec(name, blob, args=[name]))
+    cache.get("a")
+    cache.get("b")
+    assert last(events, "evicted", "a")["tier"] is None and cache.host_bytes() == {}
+    assert ("to_host", "a") not in mover.calls
+
+
+def test_only_evictions_that_make_room_keep_a_host_copy():
+    cache, events, _ = gpu_cache(contexts=10, host=10)
+    for name in "abcd":
+        cache.add(ContextSpec(name, blob, args=[name]))
+        cache.get(name)
+    cache.evict("a")  # asked for by name: gone
+    assert cache.evict_unused(["b"]) == ["b"]  # the router makes room: kept
+    assert [(e["context"], e["tier"]) for e in events if e["action"] == "evicted"] == [("a", None), ("b", "host")]
+    assert cache.host_bytes() == {"b": 1000}
+    cache.remove("b")  # unregistered: its host copy goes too
+    assert cache.host_bytes() == {}
+    cache.evict_unused(["c"])
+    cache.add(ContextSpec("c", blob, args=["c2"]))  # replaced: the old copy is useless
+    assert cache.host_bytes() == {} and cache.get("c")["name"] == "c2"
+    cache.evict_unused(["d"])
+    cache.clear()
+    assert cache.host_bytes() == {} and cache.resident_bytes() == {}
+
+
+def test_contexts_on_the_cpu_have_no_host_tier():
+    cache, events, _ = gpu_cache(host=10)
+    for name in "ab":
+        cache.add(ContextSpec(name, blob, args=[name], device="cpu"))
+    cache.get("a")
+    cache.get("b")
+    assert last(events, "evicted", "a")["tier"] is None and cache.host_bytes() == {}
+
+
+def test_without_a_host_budget_nothing_is_copied():
+    cache, events, mover = gpu_cache(host=0)
+    for name in "ab":
+        cache.add(ContextSpec(name, blob, args=[name]))
+    cache.get("a")
+    cache.get("b")
+    assert last(events, "evicted", "a")["tier"] is None
+    assert not [c for c in mover.calls if c[0] != "release"]
+
+
+def test_a_get_during_the_copy_to_host_waits_for_it_instead_of_loading_again():
+    cache, events, _ = gpu_cache(contexts=10, host=10, mover=FakeGPU(to_host_seconds=0.3))
+    cache.add(ContextSpec("a", blob, args=["a"], kwargs={"seconds": 0.5}))
+    a = cache.get("a")
+    evicting = threading.Thread(target=cache.evict_unused, args=(["a"],))
+    evicting.start()
+    time.sleep(0.1)  # the copy to the host is under way
+    assert cache.get("a") is a
+    evicting.join()
+    assert cache.loads == {"a": 1} and cache.rewarms == {"a": 1}
+    assert cache.resident_bytes() == {"a": last(events, "loaded")["nbytes"]} and cache.host_bytes() == {}
+
+
+def test_cuda_out_of_memory_is_a_context_too_large_error_naming_context_device_and_free_memory():
+    cache, events, _ = gpu_cache(contexts=10)
+
+    def huge(device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    cache.add(ContextSpec("huge", huge))
+    cache.add(ContextSpec("small", blob, args=["small"]))
+    with pytest.raises(ContextTooLargeError, match=(
+        r"context 'huge' does not fit on cuda:0: OutOfMemoryError while loading it, with "
+        r"10.00 GiB free of 80.00 GiB on cuda:0")) as info:
+        cache.get("huge")
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    failed = last(events, "failed")
+    assert failed["context"] == "huge" and isinstance(failed["exc"], ContextTooLargeError)
+    # the worker goes on: other contexts load, and the failure is remembered, not retried
+    assert cache.get("small")["on"] == "cuda:0"
+    with pytest.raises(ContextTooLargeError):
+        cache.get("huge")
+
+
+def test_out_of_memory_evicts_idle_contexts_and_retries_once():
+    cache, events, _ = gpu_cache(contexts=10, host=10)
+    attempts = []
+
+    def tight(device):
+        attempts.append(device)
+        if len(attempts) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return blob("tight")
+
+    cache.add(ContextSpec("idle", blob, args=["idle"]))
+    cache.add(ContextSpec("tight", tight))
+    cache.get("idle")
+    assert cache.get("tight")["name"] == "tight" and len(attempts) == 2
+    evicted = last(events, "evicted", "idle")
+    assert evicted["reason"] == "out of memory" and evicted["tier"] == "host"
+
+
+def test_out_of_memory_coming_back_from_the_host_drops_the_copy():
+    cache, events, mover = gpu_cache(contexts=10, host=10, failed_load_retry=0.2)
+    cache.add(ContextSpec("a", blob, args=["a"]))
+    cache.get("a")
+    cache.evict_unused(["a"])
+    mover.oom = 1
+    with pytest.raises(ContextTooLargeError, match="context 'a' does not fit on cuda:0"):
+        cache.get("a")
+    assert cache.host_bytes() == {} and last(events, "failed")["context"] == "a"
+    time.sleep(0.25)
+    assert cache.get("a")["on"] == "cuda:0" and last(events, "loaded")["from"] == "storage"
+
+
+def test_a_memory_error_on_the_cpu_names_the_host_memory():
+    cache, _ = make_cache(device="cpu")
+
+    def greedy():
+        raise MemoryError()
+
+    cache.add(ContextSpec("greedy", greedy))
+    with pytest.raises(ContextTooLargeError, match=r"context 'greedy' does not fit on cpu: MemoryError while loading it, with .* free of .* on cpu"):
+        cache.get("greedy")
+
+
+def test_torch_mover_swaps_tensor_data_in_place():
+    from dask_context.cache import TorchMover, device_tensors
+
+    class Wrapper:  # as LanguageModel holds its model
+        def __init__(self):
+            self.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+            self.extra = {"scale": torch.ones(2)}
+
+    w = Wrapper()
+    tensors = device_tensors(w, "cpu")
+    assert len(tensors) == 5  # 2 weights, 2 biases, the scale
+    expected = [t.clone() for t in tensors]
+    weight = w.model[0].weight
+    moved = [(t, t.device) for t in tensors]
+    mover = TorchMover()
+    storage = weight.untyped_storage().data_ptr()
+    mover.to_host(moved)  # on a CPU: new host storage, same tensor objects
+    assert w.model[0].weight is weight and weight.untyped_storage().data_ptr() != storage
+    mover.to_device(moved)
+    assert all(torch.equal(t, e) for t, e in zip(tensors, expected, strict=True))
+    assert mover.host_nbytes(moved) == sum(t.element_size() * t.nelement() for t in tensors)
+    # nothing on a GPU: nothing to keep
+    assert mover.find(w, "cpu", []) is None and mover.find(w, "cuda:0", []) is None
+
+
+def test_a_failed_copy_to_the_host_drops_the_context_and_the_cache_goes_on():
+    class FailsOnce(FakeGPU):
+        failed = False
+
+        def to_host(self, moved):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("cudaHostAlloc failed")
+            super().to_host(moved)
+
+    cache, events, _ = gpu_cache(contexts=10, host=1.5, mover=FailsOnce())
+    cache.add(ContextSpec("a", blob, args=["a"]))
+    cache.get("a")
+    assert cache.evict_unused(["a"]) == ["a"]
+    assert last(events, "evicted", "a")["tier"] is None and cache.host_bytes() == {}
+    assert cache.get("a")["on"] == "cuda:0" and cache.loads == {"a": 2}
+    # the failed copy gave its reservation back: the next one fits the host budget
+    cache.evict_unused(["a"])
+    assert last(events, "evicted", "a")["tier"] == "host" and cache.host_bytes() == {"a": 1000}
