@@ -760,22 +760,6 @@ class ContextCache:
                 format_bytes(int(left)), format_bytes(int(self.budget)),
             )
 
-    def trim(self) -> list[str]:
-        """While this worker holds more than its budget, evict the least recently used
-        contexts that no task here needs; return them.
-
-        That happens when a context measured larger than its estimate was loaded
-        beside contexts that tasks were still using.
-        """
-        before = self.resident_bytes()
-        if sum(before.values()) <= self.budget:
-            return []
-        self._make_room("", 0)
-        return sorted(set(before) - set(self.resident_bytes()))
-
-    def over_budget(self) -> bool:
-        return self.used_bytes() > self.budget
-
     def _evict_unused(self) -> bool:
         protected = self._protected()
         with self._lock:

@@ -190,6 +190,8 @@ def plan_routes(
     Two passes, both only over workers that are not excluded for the context and
     whose memory budget fits it once contexts that have no work there are evicted.
     A context of unknown size counts as filling a whole worker until it is measured.
+    First, a worker found holding more than its budget (a context was larger than
+    its estimate) evicts contexts that have no work there.
 
     1. A context with queued work and no allowed worker gets one: an idle worker
        if there is one, else the least loaded worker that can hold it *beside* the
@@ -254,12 +256,22 @@ def plan_routes(
     >>> plan_routes(cs, held).add
     {}
 
+    A worker over its budget evicts what it holds with no work to do.
+
+    >>> over = {"w1": WorkerView(budget=100, resident={"A": Resident(80, 0.0),
+    ...                                                 "B": Resident(80, 1.0)})}
+    >>> plan_routes({"A": ContextView(0, 0.0, 5.0, 80, frozenset({"w1"})),
+    ...              "B": ContextView(3, 3.0, 5.0, 80, frozenset({"w1"}))}, over).evict
+    {'w1': ['A']}
+
     A worker whose load failed is not chosen again.
 
     >>> plan_routes({"A": ContextView(5, 5.0, 5.0, 80, excluded=frozenset({"w1"}))}, ws).add
     {'A': {'w2'}}
     """
     planner = _Planner(contexts, workers)
+    for w in sorted(workers):
+        planner.trim(w)
     demand = sorted(
         (c for c, v in contexts.items() if v.queued), key=lambda c: (contexts[c].first, c)
     )
@@ -327,6 +339,20 @@ class _Planner:
             self.allowed.get(v, set()).discard(w)
             self.plan.evict.setdefault(w, []).append(v)
         self.resident[w][c] = Resident(int(self.size(c, w)), math.inf)
+
+    def trim(self, w: str) -> None:
+        """A worker holding more than its budget (a context was larger than its
+        estimate) evicts what has no work there, least recently used first."""
+        held = self.resident[w]
+        budget = self.workers[w].budget
+        if sum(r.nbytes for r in held.values()) <= budget:
+            return
+        protected = {*self.serves(w), *self.workers[w].busy}
+        victims = choose_victims(held, 0, budget, protected)
+        for v in victims:
+            del self.resident[w][v]
+            self.allowed.get(v, set()).discard(w)
+            self.plan.evict.setdefault(w, []).append(v)
 
     def eligible(self, c: str) -> list[str]:
         return [w for w in sorted(self.workers) if w not in self.contexts[c].excluded]

@@ -107,7 +107,6 @@ class WorkerContexts(WorkerPlugin):
         self._reported: set[tuple[str, str, str]] = set()
         # keys sent back to the scheduler after a failed load, and when
         self._rescheduled: dict[Hashable, float] = {}
-        self._trimming = False
 
     # ------------------------------------------------------------ specs
     async def add(self, spec: ContextSpec) -> None:
@@ -175,12 +174,6 @@ class WorkerContexts(WorkerPlugin):
                 raise Reschedule() from None
             raise
 
-    async def _trim(self) -> None:
-        try:
-            await asyncio.to_thread(self.cache.trim)
-        finally:
-            self._trimming = False
-
     def _report(self, key: Hashable, action: str, name: str) -> None:
         """Tell the router, once per task group, that its tasks use (or do not use) ``name``."""
         group = key_split_group(key)
@@ -205,10 +198,6 @@ class WorkerContexts(WorkerPlugin):
         used = self._used.pop(key, None)
         if finish != "memory":
             return
-        if used and not self._trimming and self.cache.over_budget():
-            # the tasks that kept an extra context resident are done with it
-            self._trimming = True
-            self.worker.loop.add_callback(self._trim)
         wanted = _compat.task_annotations(self.worker, key).get("context")
         if isinstance(wanted, str) and wanted not in (used or ()):
             # routed as needing a context but never asked for it: the router
