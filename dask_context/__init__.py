@@ -3,8 +3,10 @@ and send the tasks that need it to the workers that hold it."""
 
 import multiprocessing
 
-from dask_context import config  # noqa: F401  (merges the YAML defaults into dask.config)
-from dask_context import dashboard
+from dask_context import (
+    config,  # noqa: F401  (merges the YAML defaults into dask.config)
+    dashboard,
+)
 from dask_context.adaptive import ContextAdaptive
 from dask_context.api import delayed, register, report, unregister, use
 from dask_context.cache import ContextCache

@@ -455,7 +455,7 @@ def load_failed_everywhere(
     if serving or not failed:
         return False
     failed = set(failed)
-    return bool(running) and set(running) <= failed or len(failed) >= limit
+    return (bool(running) and set(running) <= failed) or len(failed) >= limit
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import torch
 from dask.sizeof import sizeof
 
 from dask_context import ContextSpec, ContextTooLargeError, UnknownContextError
-from dask_context.cache import ContextCache, place
+from dask_context.cache import ContextCache
+from dask_context.tiers import place
 from tests.loaders import blob, broken
 
 
@@ -168,7 +169,7 @@ def test_replacing_and_removing_specs_frees_memory():
 
 # ---------------------------------------------------------------- host tier, on CPUs
 class FakeGPU:
-    """A :class:`~dask_context.cache.Mover` for machines without a GPU.
+    """A :class:`~dask_context.tiers.Mover` for machines without a GPU.
 
     A context is a ``blob`` dict; its ``"on"`` field says where its data is. Copies
     to the device take ``copy_seconds``; ``oom`` makes the next copies to the device
@@ -387,7 +388,7 @@ def test_a_memory_error_on_the_cpu_names_the_host_memory():
 
 
 def test_torch_mover_swaps_tensor_data_in_place():
-    from dask_context.cache import TorchMover, device_tensors
+    from dask_context.tiers import TorchMover, device_tensors
 
     class Wrapper:  # as LanguageModel holds its model
         def __init__(self):

@@ -154,7 +154,7 @@ async def test_a_context_that_fails_everywhere_fails_its_tasks_with_the_loaders_
         futures = c.map(where, range(50), name="A")
     await wait(futures)
     assert all(f.status == "error" for f in futures)
-    with pytest.raises(RuntimeError, match="libcuda.so.1") as info:
+    with pytest.raises(RuntimeError, match=r"libcuda\.so\.1") as info:
         await futures[-1]
     # the loader's own traceback, and a note naming the context
     assert "always_fails" in {frame.name for frame in info.traceback}
