@@ -84,9 +84,10 @@ def _change(reduction: float | None) -> str:
     return "-" if reduction is None else f"{0.0 - reduction:+.1f}%"
 
 
-def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: Calibration) -> str:
-    """The Markdown report: setup, results table, targets, dask-context's time breakdown."""
-    t_list = ", ".join(f"B={b}: {t * 1e3:.1f} ms" for b, t in sorted(cal.item_seconds.items()))
+def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: Calibration | None,
+             coldstart: Sequence[dict[str, Any]] = ()) -> str:
+    """The Markdown report: setup, results table, targets, dask-context's time breakdown,
+    then the cold-start scenario (``cal`` is None when only that one ran)."""
     lines = [
         "# dask-context benchmark results",
         "",
@@ -97,6 +98,21 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: Calibrat
         f"Machine: {meta['machine']}. {meta['workers']} Dask worker processes with 1 thread "
         "each, torch intra-op threads 1 per worker.",
         "",
+    ]
+    if cal is not None:
+        lines += scenarios_report(rows, meta, cal)
+    if coldstart:
+        lines += ["", "## Cold start: workers starting at once against shared storage", "",
+                  *coldstart_table(coldstart)]
+    if meta.get("notes"):
+        lines += ["", "## Notes", "", *(f"- {n}" for n in meta["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def scenarios_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: Calibration) -> list[str]:
+    """Model, calibration, the results table, targets and the time breakdown."""
+    t_list = ", ".join(f"B={b}: {t * 1e3:.1f} ms" for b, t in sorted(cal.item_seconds.items()))
+    lines = [
         f"Model: `make_model(..., preset={meta['preset']!r})`, {meta['checkpoint_mb']:.0f} MB "
         f"on disk, {cal.nbytes / 1e6:.0f} MB loaded ({meta['dtype']}). Loads read the "
         f"checkpoint cold at {meta['storage_mbps']:g} MB/s (0 = disk speed), then "
@@ -128,9 +144,39 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: Calibrat
         )
     lines += ["", "## Targets", "", *targets(rows)]
     lines += ["", "## Where the time went (Dask arms)", "", *breakdown_table(rows)]
-    if meta.get("notes"):
-        lines += ["", "## Notes", "", *(f"- {n}" for n in meta["notes"])]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def coldstart_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The cold-start arms next to their bounds (see :mod:`benchmarks.coldstart`)."""
+    r0 = rows[0]
+    transfer = r0["checkpoint_bytes"] / (r0["mbps"] * 1e6)
+    lines = [
+        f"{r0['workers']} worker processes, each a node of its own (node name and staging "
+        f"directory), load a {r0['checkpoint_bytes'] / 1e6:.1f} MB checkpoint at once (an "
+        f"eager context) from emulated shared storage of {r0['mbps']:g} MB/s in all, shared "
+        f"by every reader (S/B = {transfer:.2f} s). `all warm`: seconds from registration "
+        "to the last worker's load. Bounds, with l = "
+        f"{r0['local_load']:.2f} s a load from a local copy: filesystem N·S/B + l (the "
+        "storage delivers N copies), peer bootstrap S/B + l (one copy; peers infinitely "
+        "fast). `shared` and `peers`: MB read from the storage and fetched from peers. "
+        "`copies`: where each worker's copy came from, and the median seconds it took. "
+        "`worker CPU`: CPU seconds of all worker processes until all were warm; on this "
+        "machine's cores an arm takes at least that divided by the cores.",
+        "",
+        "| arm | all warm (s) | bound (s) | x bound | shared (MB) | peers (MB) | worker CPU (s) | copies |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        wall = _fmt(r["all_warm"], ".2f") if r["status"] == "ok" else f"failed: {r['status']}"
+        origins = ", ".join(
+            f"{r['origins'].count(o)} from {o} ({r['copy_seconds'][o]:.2f} s)" for o in sorted(set(r["origins"]))
+        ) or "-"
+        lines.append(
+            f"| {r['arm']} | {wall} | {r['bound']:.2f} | {_fmt(r['x_bound'], '.2f')} | "
+            f"{r['shared_bytes'] / 1e6:.1f} | {r['peer_bytes'] / 1e6:.1f} | {r['worker_cpu']:.1f} | {origins} |"
+        )
+    return lines
 
 
 def in_run_limit(r: dict[str, Any]) -> float | None:
@@ -216,8 +262,9 @@ def breakdown_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Wall time / T* per arm over the batch-size sweep; wall time per arm elsewhere.
+def plot(rows: Sequence[dict[str, Any]], path: Path, coldstart: Sequence[dict[str, Any]] = ()) -> None:
+    """Wall time / T* per arm over the batch-size sweep; wall time per arm elsewhere;
+    time until all workers are warm per cold-start arm, next to its bound.
 
     The sweep's runs have different sizes, so they are compared through the limit:
     an arm at 1 is as fast as physically possible, whatever the batch size.
@@ -226,32 +273,19 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
     ok = [r for r in rows if r["status"] == "ok" and r["wall"]]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     colors = {a: f"C{i}" for i, a in enumerate(arms)}
     others = list(dict.fromkeys(r["scenario"] for r in ok if r["scenario"] != "single"))
-    fig, axes = plt.subplots(1, 1 + len(others), figsize=(5 + 4 * len(others), 4.4), squeeze=False)
-    ax = axes[0][0]
     sweep = [r for r in ok if r["scenario"] == "single"]
-    for arm in arms:
-        pts = sorted((r["batch"], r["x_limit"]) for r in sweep if r["arm"] == arm)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[arm], label=arm)
-    ax.axhline(1.0, color="k", ls="--", label="limit T*")
-    ax.axhline(LIMIT_SLACK, color="k", ls=":", label="T* + 10%")
-    batches = sorted({r["batch"] for r in sweep})
-    ax.set(xscale="log", yscale="log", xlabel="claims per task B (L/(B·t) below)",
-           ylabel="wall time / T*")
-    ax.set_xticks(batches)
-    ax.set_xticklabels([
-        f"{b}\n{next(r['ratio'] for r in sweep if r['batch'] == b):.2g}" for b in batches
-    ])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_title("one model: batch-size sweep", fontsize=10)
-    ax.legend(fontsize=8)
-    for ax, scenario in zip(axes[0][1:], others, strict=True):
+    panels = bool(sweep) + len(others) + bool(coldstart)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(1 + 4 * max(panels, 1), 4.4), squeeze=False)
+    if coldstart:
+        plot_coldstart(axes[0][-1], coldstart)
+    if sweep:
+        plot_sweep(axes[0][0], sweep, arms, colors)
+    for ax, scenario in zip(axes[0][bool(sweep) : bool(sweep) + len(others)], others, strict=True):
         sub = [r for r in ok if r["scenario"] == scenario]
         labels = [r["arm"] for r in sub]
         bars = ax.bar(labels, [r["wall"] for r in sub], color=[colors[a] for a in labels])
@@ -268,6 +302,45 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_sweep(ax: Any, sweep: Sequence[dict[str, Any]], arms: Sequence[str], colors: dict[str, str]) -> None:
+    """Wall time / T* per arm over the batch sizes of the ``single`` scenario."""
+    from matplotlib.ticker import NullFormatter
+
+    for arm in arms:
+        pts = sorted((r["batch"], r["x_limit"]) for r in sweep if r["arm"] == arm)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[arm], label=arm)
+    ax.axhline(1.0, color="k", ls="--", label="limit T*")
+    ax.axhline(LIMIT_SLACK, color="k", ls=":", label="T* + 10%")
+    batches = sorted({r["batch"] for r in sweep})
+    ax.set(xscale="log", yscale="log", xlabel="claims per task B (L/(B·t) below)",
+           ylabel="wall time / T*")
+    ax.set_xticks(batches)
+    ax.set_xticklabels([
+        f"{b}\n{next(r['ratio'] for r in sweep if r['batch'] == b):.2g}" for b in batches
+    ])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_title("one model: batch-size sweep", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def plot_coldstart(ax: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Time until all workers are warm per cold-start arm, its bound as a dashed line."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    for i, r in enumerate(ok):
+        bar = ax.bar(i, r["all_warm"], color=f"C{i}", label=r["arm"])[0]
+        ax.hlines(r["bound"], i - 0.4, i + 0.4, color="k", ls="--", label="bound" if i == 0 else None)
+        ax.annotate(f"{r['shared_bytes'] / 1e6:.0f} MB shared\n{r['x_bound']:.2f}x bound",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(ok)), [r["arm"] for r in ok])
+    ax.set_ylim(0, 1.5 * max([r["all_warm"] for r in ok] + [r["bound"] for r in ok], default=1))
+    ax.set_ylabel("seconds until all warm")
+    ax.legend(fontsize=8, loc="upper left")
+    w = rows[0]
+    ax.set_title(f"cold start: {w['workers']} workers, {w['mbps']:g} MB/s shared", fontsize=10)
 
 
 def calibration_from_dict(data: dict[str, Any]) -> Calibration:
@@ -287,17 +360,18 @@ def render(results: Path, out: Path) -> None:
     rows = data["rows"]
     fill_reductions(rows)
     out.mkdir(parents=True, exist_ok=True)
-    cal = calibration_from_dict(data["calibration"])
-    (out / "results.md").write_text(markdown(rows, data["meta"], cal))
-    plot(rows, out / "results.png")
+    cal = calibration_from_dict(data["calibration"]) if data["calibration"] else None
+    cold = data.get("coldstart", [])
+    (out / "results.md").write_text(markdown(rows, data["meta"], cal, cold))
+    plot(rows, out / "results.png", cold)
 
 
-def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], cal: Calibration) -> None:
+def write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any], cal: Calibration | None,
+          coldstart: list[dict[str, Any]]) -> None:
     """Write ``results.json``, ``results.md`` and ``results.png`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"meta": meta, "calibration": cal.to_dict(), "rows": rows}, indent=1, default=str)
-    )
-    (out / "results.md").write_text(markdown(rows, meta, cal))
-    plot(rows, out / "results.png")
+    data = {"meta": meta, "calibration": cal.to_dict() if cal else None, "rows": rows, "coldstart": coldstart}
+    (out / "results.json").write_text(json.dumps(data, indent=1, default=str))
+    (out / "results.md").write_text(markdown(rows, meta, cal, coldstart))
+    plot(rows, out / "results.png", coldstart)
     logger.info("Wrote %s", out)

@@ -4,7 +4,7 @@ One command measures everything on this machine and writes ``results.json``,
 ``results.md`` and ``results.png``:
 
     python benchmarks/run.py                 # full run (about 20 minutes here)
-    python benchmarks/run.py --quick         # tiny model, few tasks, no Ray (< 60 s)
+    python benchmarks/run.py --quick         # tiny model, few tasks, no Ray (about 80 s)
 
 See ``benchmarks/README.md`` for the scenarios, the regimes and how to read the table.
 """
@@ -36,7 +36,7 @@ from typing import Any  # noqa: E402
 
 from distributed import Client  # noqa: E402
 
-from benchmarks import ray_peer  # noqa: E402
+from benchmarks import coldstart, ray_peer  # noqa: E402
 from benchmarks.arms import ARMS, ArmSetup, DaskContext, GlobalCache, LoadPerTask, Model  # noqa: E402
 from benchmarks.calibrate import Calibration, batch_for, calibrate  # noqa: E402
 from benchmarks.loading import checkpoint_bytes, read_load_log  # noqa: E402
@@ -62,6 +62,7 @@ from dask_context.models import make_model  # noqa: E402
 logger = logging.getLogger("benchmarks")
 
 PEERS = ("global-cache", "ray")
+ALL_SCENARIOS = (*SCENARIOS, coldstart.NAME)
 CALIBRATION_GRID = (1, 4, 16, 64)
 
 
@@ -69,21 +70,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="tiny model, few tasks, every scenario, no Ray unless asked (< 60 s)")
+                   help="tiny model, few tasks, every scenario, no Ray unless asked (about 80 s)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                    help="where results.{json,md,png} go (default: benchmarks/results)")
     p.add_argument("--peers", default=None,
                    help=f"comma-separated peers among {', '.join(PEERS)}, or 'none' "
                         "(default: all for a full run, global-cache for --quick)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma-separated, among {', '.join(SCENARIOS)} (default: all)")
+    p.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
+                   help=f"comma-separated, among {', '.join(ALL_SCENARIOS)} (default: all)")
     p.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads per worker")
     p.add_argument("--preset", default=None, help="make_model preset (default: bench; tiny with --quick)")
     p.add_argument("--dtype", default="bfloat16", help="dtype the weights are loaded in")
     p.add_argument("--storage-mbps", type=float, default=None,
                    help="bandwidth of the cold checkpoint read, MB/s; 0 = local disk speed "
-                        "(default: 300; 0 with --quick)")
+                        "(default: 300; 0 with --quick, where the coldstart scenario's shared "
+                        "storage still gets 300)")
     p.add_argument("--preempt-every", type=float, default=None,
                    help="seconds between worker kills after the first (default: 20; 2 with --quick)")
     p.add_argument("--scale", type=float, default=1.0,
@@ -110,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if peer not in PEERS:
             p.error(f"unknown peer {peer!r}; choose among {', '.join(PEERS)}")
     for name in args.scenarios:
-        if name not in SCENARIOS:
-            p.error(f"unknown scenario {name!r}; choose among {', '.join(SCENARIOS)}")
+        if name not in ALL_SCENARIOS:
+            p.error(f"unknown scenario {name!r}; choose among {', '.join(ALL_SCENARIOS)}")
     if "ray" in args.peers and not ray_peer.available():
         p.error("the ray peer needs ray[data]: pip install 'ray[data]', or pass --peers global-cache")
     return args
@@ -124,7 +126,9 @@ class Bench:
         self.args = args
         self.logs = logs
         self.limits: Limits = QUICK_LIMITS if args.quick else LIMITS
-        n_models = max(SCENARIOS[s].models for s in args.scenarios)
+        # the scenarios of the papers' comparison; coldstart has a cluster of its own
+        self.scenarios = [s for s in args.scenarios if s in SCENARIOS]
+        n_models = max((SCENARIOS[s].models for s in self.scenarios), default=1)
         self.models = [
             Model(f"m{i}", str(make_model(args.cache / f"{args.preset}-seed{i}", preset=args.preset, seed=i)))
             for i in range(n_models)
@@ -147,7 +151,7 @@ class Bench:
         quick = self.args.quick
         cal = self._measure(client, CALIBRATION_GRID, loads=1 if quick else 2,
                             min_seconds=0.1 if quick else 0.5)
-        wanted = regimes(self.args.scenarios)
+        wanted = regimes(self.scenarios)
         candidates = {r: neighbours(guess_batch(r, cal, self.limits), self.limits) for r in wanted}
         exact: set[int] = set()
         for _ in range(2):
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # scenarios with the same cluster settings share one cluster; the first
         # cluster also measures L and t
         groups: dict[float | None, list[str]] = {}
-        for name in args.scenarios:
+        for name in bench.scenarios:
             groups.setdefault(SCENARIOS[name].budget_models, []).append(name)
         for budget_models, names in sorted(groups.items(), key=lambda kv: kv[0] is not None):
             budget = None if bench.cal is None else budget_bytes(SCENARIOS[names[0]], bench.cal)
@@ -281,8 +285,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for name in names:
                     for run in bench.runs(name):
                         bench.measure_run(client, run)
+        cold: list[dict[str, Any]] = []
+        if coldstart.NAME in args.scenarios:
+            # shared storage of a finite bandwidth is what this scenario is about
+            cold = coldstart.measure(bench.models[0].path, tmp=Path(tmp), mbps=args.storage_mbps or 300.0,
+                                     dtype=args.dtype, threads=args.threads)
     fill_reductions(bench.rows)
-    assert bench.cal is not None
     meta = {
         "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -301,9 +309,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_after": os.getloadavg(),
         "notes": notes(args, load_before),
     }
-    write(args.out, bench.rows, meta, bench.cal)
+    write(args.out, bench.rows, meta, bench.cal, cold)
     logger.info("Done in %.0f s: %s", meta["duration"], args.out / "results.md")
-    return {"meta": meta, "rows": bench.rows}
+    return {"meta": meta, "rows": bench.rows, "coldstart": cold}
 
 
 def notes(args: argparse.Namespace, load_before: tuple[float, float, float]) -> list[str]:
@@ -316,6 +324,8 @@ def notes(args: argparse.Namespace, load_before: tuple[float, float, float]) -> 
         )
     if args.quick:
         out.append("Quick mode: tiny model and few claims; it checks the plumbing, not the regimes.")
+    if coldstart.NAME in args.scenarios:
+        out.append(coldstart.NOTE)
     if "ray" in args.peers:
         out.append(
             "Ray Data runs only in the one-model scenario without preemption; its wall time "

@@ -24,6 +24,7 @@ from distributed.deploy import Adaptive
 from distributed.protocol import pickle
 
 from dask_context import config
+from dask_context.worker import router_present
 
 logger = logging.getLogger(__name__)
 
@@ -49,29 +50,23 @@ class ContextAdaptive(Adaptive):
     async def target(self) -> int:
         """Workers wanted, from the scheduler plugin (the default before it exists)."""
         self._measure_startup()
-        try:
-            return await self.scheduler.dask_context_target(
-                target_duration=self.target_duration, startup=self.startup_time
-            )
-        except Exception as exc:  # plugin not registered yet on this cluster
-            if "dask_context_target" not in str(exc):
-                raise
+        if not await router_present(self.scheduler):  # not registered yet on this cluster
             return await super().target()
+        return await self.scheduler.dask_context_target(
+            target_duration=self.target_duration, startup=self.startup_time
+        )
 
     async def workers_to_close(self, target: int) -> list[str]:
         """Workers to retire, as ``Adaptive`` chooses them, with whole ``worker_key``
         groups held back when the router keeps one of their workers warm."""
-        try:
-            return await self.scheduler.dask_context_workers_to_close(
-                target=target,
-                key=pickle.dumps(self.worker_key) if self.worker_key else None,
-                attribute="name",
-                **self._workers_to_close_kwargs,
-            )
-        except Exception as exc:  # plugin not registered yet on this cluster
-            if "dask_context_workers_to_close" not in str(exc):
-                raise
+        if not await router_present(self.scheduler):
             return await super().workers_to_close(target)
+        return await self.scheduler.dask_context_workers_to_close(
+            target=target,
+            key=pickle.dumps(self.worker_key) if self.worker_key else None,
+            attribute="name",
+            **self._workers_to_close_kwargs,
+        )
 
     async def scale_up(self, n: int) -> None:
         if self._asked is None and n > len(self.observed):

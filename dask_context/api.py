@@ -18,7 +18,7 @@ from dask_context import graph
 from dask_context.errors import UnknownContextError
 from dask_context.scheduler import WARNINGS, ContextRouter
 from dask_context.spec import ContextSpec, check_unique
-from dask_context.worker import ContextPlugin
+from dask_context.worker import ContextPlugin, router_present
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,9 @@ def unregister(client: Client, *names: str) -> Any:
 
 
 async def _unregister(client: Client, names: tuple[str, ...]) -> list[str]:
-    try:
-        left = await client.scheduler.dask_context_unregister(names=list(names))
-    except ValueError as exc:  # no router on this scheduler: nothing is registered
-        if "dask_context_unregister" not in str(exc):
-            raise
-        raise UnknownContextError(names[0], []) from None
+    if not await router_present(client.scheduler):  # nothing was ever registered here
+        raise UnknownContextError(names[0], [])
+    left = await client.scheduler.dask_context_unregister(names=list(names))
     for name in names:
         try:
             await client.unregister_worker_plugin(f"dask-context-{name}")

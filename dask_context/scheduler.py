@@ -188,6 +188,7 @@ class ContextRouter(SchedulerPlugin):
                 "dask_context_worker": self.worker_joined,
                 "dask_context_workers_to_close": self.workers_to_close,
                 "dask_context_file_peers": self.file_peers,
+                "dask_context_file_source": self.file_source,
                 "dask_context_drain": self.drain,
             }
         )
@@ -361,6 +362,22 @@ class ContextRouter(SchedulerPlugin):
         peers = [a for a in ctx.staged if a in running]
         peers.sort(key=lambda a: name not in self.state.workers[a].resident)
         return [{"address": a, "node": ctx.staged[a]} for a in peers]
+
+    def file_source(self, name: str, token: str, worker: str) -> bool:
+        """Scheduler handler: may ``worker`` copy a context's files from ``files`` now?
+
+        One running worker at a time does; the others wait for its copy and fetch it
+        from that worker instead of splitting the shared filesystem's bandwidth. The
+        turn ends when that worker reports "staged" or "unstaged", or leaves.
+        """
+        ctx = self.state.contexts.get(name)
+        if ctx is None or ctx.token != token:
+            return True
+        running = {ws.address for ws in _compat.running_workers(self.scheduler)}
+        if ctx.reader not in running or ctx.reader == worker:
+            ctx.reader = worker
+            return True
+        return False
 
     def drain(self, worker: str) -> list[Hashable]:
         """Scheduler handler: ``worker`` will be preempted; it takes no new context tasks.
@@ -590,8 +607,12 @@ class ContextRouter(SchedulerPlugin):
         elif action == "staged":
             if msg.get("token") == ctx.token:
                 ctx.staged[w.address] = msg["node"]
+            if ctx.reader == w.address:
+                ctx.reader = None
         elif action == "unstaged":
             ctx.staged.pop(w.address, None)
+            if ctx.reader == w.address:
+                ctx.reader = None
         elif action == "failed":
             ctx.failures += 1
             ctx.error = msg.get("payload") or error_payload(RuntimeError(msg.get("error")))

@@ -1,33 +1,448 @@
-"""Node-local copies of a context's files, fetched from warm peers (issue 11.2).
+"""Node-local copies of a context's files, fetched from warm peers.
 
-Interface used by :mod:`dask_context.worker` (the implementation is being written):
+A spec with ``files=`` names a directory its loader reads (weights on a shared
+filesystem, say). Before the loader runs, :meth:`Stager.stage` makes sure the
+worker's node holds a copy of it in its staging directory, and the loader gets the
+copy:
 
-- ``Stager(worker, node, root)``: one per worker.
-- ``Stager.stage(spec) -> str``: runs in a task thread before the loader; returns the
-  local directory holding ``spec.files``.
-- ``Stager.handlers() -> dict``: worker handlers that serve files to peers.
+1. a complete copy another worker of this node made is used as it is;
+2. else the copy comes from a worker that holds one (the router lists them:
+   ``dask_context_file_peers``), over Dask's worker-to-worker comms, in chunks;
+3. else from ``spec.files`` itself, by one worker of the cluster at a time (the
+   router grants it: ``dask_context_file_source``); the others wait for that copy and
+   fetch it from its worker instead of splitting the shared filesystem's bandwidth.
+
+A transfer that fails (the peer errs, leaves, or sends bytes that do not match) goes
+on with the next peer, then with ``spec.files``. If even the copy from ``spec.files``
+cannot be made, the loader gets ``spec.files`` itself.
+
+The worker that copies from ``spec.files`` writes a manifest of every file's size and
+BLAKE2b digest; every later copy is checked against it file by file. A copy is
+written into a temporary directory and renamed into place only once complete and
+checked, so a partial or corrupt copy is never used. Workers of one node take a lock
+file per spec before staging it: one makes the copy, the others then find it.
+
+Layout of the staging directory (``dask-context.worker.staging-dir``)::
+
+    <token>/manifest.json               sizes and digests
+    <token>/<name of spec.files>/...    the copy (what the loader gets)
+    <token>.lock                        lock file of this node's workers
+    .tmp-<token>-*                      copies being made
+
+See docs/peer-bootstrap.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import glob
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
+
+from dask.utils import format_bytes
+from distributed.core import Status
+from distributed.protocol import Serialize, to_serialize
+from distributed.utils import sync
 
 if TYPE_CHECKING:
     from distributed import Worker
 
     from dask_context.spec import ContextSpec
 
+logger = logging.getLogger(__name__)
+
+CHUNK = 32 << 20
+"""Bytes per chunk request, and per read of a source file: large enough that a
+request's round trip is small next to its transfer, small enough to bound memory."""
+IN_FLIGHT = 2
+"""Chunk requests of one transfer under way at once: the next chunk crosses the
+network while the last one is checked and written."""
+TIMEOUT = 60.0
+"""Seconds a peer may take to answer one request before the transfer counts as failed."""
+POLL = 0.1
+"""Seconds between questions to the router while another worker copies from the source."""
+MANIFEST = "manifest.json"
+ALGORITHM = "blake2b"
+"""Digest of every file in a manifest: among hashlib's, the fastest on CPUs without
+SHA extensions (about 600 MB/s a core)."""
+
+_TOKEN = re.compile(r"^[0-9a-f]{40}$")
+
+
+class StagingError(Exception):
+    """A copy that must not be used: the peer holds none, or its bytes do not match."""
+
 
 class Stager:
-    """Stages ``ContextSpec.files`` node-locally (for now: the spec's own path)."""
+    """Stages ``ContextSpec.files`` in a node-local directory, and serves it to peers.
+
+    Parameters
+    ----------
+    worker
+        The worker (its event loop carries the transfers).
+    node
+        Identity of the node: workers of one node with one ``root`` share copies.
+    root
+        The node-local staging directory.
+    """
 
     def __init__(self, worker: Worker, node: str, root: str):
         self.worker = worker
         self.node = node
-        self.root = root
-
-    def stage(self, spec: ContextSpec) -> str:
-        return spec.files
+        self.root = os.path.abspath(root)
+        # the copies this worker uses and serves: context name -> token; a copy is
+        # removed (and reported "unstaged") when its spec goes from this worker
+        self._held: dict[str, str] = {}
 
     def handlers(self) -> dict[str, Any]:
-        return {}
+        """Worker handlers serving this node's copies to peers."""
+        return {"dask_context_manifest": self.serve_manifest, "dask_context_chunk": self.serve_chunk}
+
+    # ------------------------------------------------------------ staging
+    def stage(self, spec: ContextSpec) -> str:
+        """Return a node-local copy of ``spec.files``, making it first if needed.
+
+        Runs in the thread of the load, never on the event loop. Falls back to
+        ``spec.files`` itself (with a warning) when no copy can be made.
+        """
+        if spec.files is None:
+            raise ValueError(f"context {spec.name!r} has no files to stage")
+        start = time.perf_counter()
+        copy = self._copy_dir(spec.token)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            with _locked(copy + ".lock"):
+                if _complete(copy) is not None:
+                    origin, peer, nbytes = "node", None, 0
+                else:
+                    origin, peer, nbytes = self._make(spec, copy)
+        except Exception:
+            logger.warning(
+                "Could not stage the files of context %r in %s; the loader reads %s",
+                spec.name, self.root, spec.files, exc_info=True,
+            )
+            # also ends this worker's turn at reading spec.files, if it had it
+            self._emit("unstaged", spec.name, spec.token)
+            return spec.files
+        seconds = time.perf_counter() - start
+        self._held[spec.name] = spec.token
+        logger.info(
+            "Staged the files of context %r in %s from %s (%s in %.2f s)",
+            spec.name, copy, peer or origin, format_bytes(nbytes), seconds,
+        )
+        self._emit("staged", spec.name, spec.token, origin=origin, peer=peer, nbytes=nbytes, seconds=seconds)
+        return os.path.join(copy, _dirname(spec.files))
+
+    async def discard(self, name: str, keep: str | None = None) -> None:
+        """Remove this worker's copy of context ``name``'s files, unless its token is ``keep``.
+
+        Called when the spec is unregistered (``keep=None``) or replaced (``keep``:
+        the new token) on this worker; the removal runs in a thread. A closing worker
+        keeps the copy: the context is not gone, and the node's other and next
+        workers use it.
+        """
+        token = self._held.get(name)
+        if token is None or token == keep or self.worker.status in (Status.closing, Status.closed):
+            return
+        del self._held[name]
+        copy = self._copy_dir(token)
+        await asyncio.to_thread(_remove, copy)
+        logger.info("Removed the staged files of context %r from %s", name, copy)
+        self._emit("unstaged", name, token)
+
+    def read_source(self, path: str) -> Iterator[bytes]:
+        """The bytes of one file of ``spec.files``, in chunks.
+
+        The only place that reads the shared filesystem: override it to read it
+        another way (the benchmarks throttle it to emulate a shared bandwidth).
+        """
+        with open(path, "rb") as f:
+            while data := f.read(CHUNK):
+                yield data
+
+    def _make(self, spec: ContextSpec, copy: str) -> tuple[str, str | None, int]:
+        """Make the copy of ``spec``'s files (this node's lock is held).
+
+        Returns where it came from ("peer" or "files"), the peer, and bytes copied.
+        """
+        # what a stager that died left behind: never used, only removed
+        for leftover in [copy, *glob.glob(os.path.join(self.root, f".tmp-{spec.token}-*"))]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{spec.token}-", dir=self.root)
+        try:
+            origin, peer, manifest = self._fill(spec, tmp)
+            # the directory the loader gets, even for an empty spec.files
+            os.makedirs(os.path.join(tmp, _dirname(spec.files)), exist_ok=True)
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump(manifest, f)
+            os.rename(tmp, copy)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return origin, peer, sum(e["size"] for e in manifest["files"])
+
+    def _fill(self, spec: ContextSpec, tmp: str) -> tuple[str, str | None, dict[str, Any]]:
+        """Fill ``tmp`` from a peer, else from ``spec.files`` once the router allows it."""
+        assert spec.files is not None
+        tried: set[str] = set()
+        while True:
+            # the turn at the source first, the peers second: a copy finished between
+            # the two questions is then among the peers, never read again from the source
+            may_read = self._ask("dask_context_file_source", True, name=spec.name,
+                                 token=spec.token, worker=self.worker.address)
+            for peer in self._peers(spec, tried):
+                tried.add(peer)
+                try:
+                    return "peer", peer, self._fetch(peer, spec.token, _dirname(spec.files), tmp)
+                except Exception as exc:
+                    # whatever the peer or the network did, another peer or the
+                    # source still has the files
+                    logger.warning(
+                        "Fetching the files of context %r from %s failed (%r); trying elsewhere",
+                        spec.name, peer, exc,
+                    )
+                    _clear(tmp)
+            if may_read:
+                return "files", None, self._copy_source(spec.files, tmp)
+            # another worker is copying from the source: its copy will be a peer
+            time.sleep(POLL)
+
+    def _peers(self, spec: ContextSpec, tried: set[str]) -> list[str]:
+        """Addresses of the peers with a copy, not tried yet: this node's first, the
+        others shuffled so that cold workers spread over them."""
+        listed = self._ask("dask_context_file_peers", [], name=spec.name, token=spec.token)
+        fresh = [p for p in listed if p["address"] not in tried and p["address"] != self.worker.address]
+        random.shuffle(fresh)
+        fresh.sort(key=lambda p: p["node"] != self.node)
+        return [p["address"] for p in fresh]
+
+    def _ask(self, op: str, default: Any, **kwargs: Any) -> Any:
+        """Call the router's handler ``op``; ``default`` if the scheduler has no router."""
+        reply = sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
+        # a scheduler without the handler answers None: no peers are known there,
+        # and nobody shares the source
+        return default if reply is None else reply
+
+    def _copy_source(self, source: str, tmp: str) -> dict[str, Any]:
+        """Copy ``source`` into ``tmp``, hashing as it goes; return the manifest."""
+        if not os.path.isdir(source):
+            raise NotADirectoryError(f"files of a context must be a directory: {source!r}")
+        top = _dirname(source)
+        entries = []
+        # followlinks: a checkpoint directory may link its weights from elsewhere
+        for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = PurePosixPath(top, *os.path.relpath(os.path.join(dirpath, name), source).split(os.sep))
+                # read ahead: the shared filesystem delivers the next chunk while this
+                # one is hashed and written
+                chunks = _ahead(self.read_source(os.path.join(dirpath, name)))
+                size, digest = _write(os.path.join(tmp, *path.parts), chunks)
+                entries.append({"path": str(path), "size": size, "digest": digest})
+        return {"algorithm": ALGORITHM, "files": entries}
+
+    def _fetch(self, peer: str, token: str, top: str, tmp: str) -> dict[str, Any]:
+        """Fill ``tmp`` from ``peer``'s copy; return its manifest once every file matches."""
+        manifest = sync(self.worker.loop, self._remote, peer, "dask_context_manifest", token=token)
+        if manifest is None:
+            raise StagingError(f"{peer} holds no complete copy")
+        if manifest.get("algorithm") != ALGORITHM:
+            raise StagingError(f"{peer} sent a manifest of {manifest.get('algorithm')!r} digests")
+        for entry in _entries(manifest, top):
+            size, digest = _write(os.path.join(tmp, *PurePosixPath(entry["path"]).parts),
+                                  self._chunks(peer, token, entry))
+            if (size, digest) != (entry["size"], entry["digest"]):
+                raise StagingError(f"{entry['path']} from {peer} does not match the manifest")
+        return manifest
+
+    def _chunks(self, peer: str, token: str, entry: dict[str, Any]) -> Iterator[bytes]:
+        """The chunks of one file from ``peer``, ``IN_FLIGHT`` requests ahead."""
+        loop = self.worker.loop.asyncio_loop  # type: ignore[attr-defined]
+        size = entry["size"]
+        offsets = iter(range(0, size, CHUNK))
+
+        def request(offset: int) -> tuple[Future[bytes], int]:
+            n = min(CHUNK, size - offset)
+            coro = self._remote(peer, "dask_context_chunk", token=token, path=entry["path"],
+                                offset=offset, size=n)
+            return asyncio.run_coroutine_threadsafe(coro, loop), n
+
+        pending = deque(request(o) for o in itertools.islice(offsets, IN_FLIGHT))
+        try:
+            while pending:
+                future, n = pending.popleft()
+                data = future.result()
+                if len(data) != n:
+                    # a peer that serves smaller chunks, or whose file is shorter
+                    raise StagingError(f"{peer} sent {len(data)} bytes of {entry['path']} for {n}")
+                pending.extend(request(o) for o in itertools.islice(offsets, 1))
+                yield data
+        finally:
+            for future, _ in pending:
+                future.cancel()
+
+    async def _remote(self, peer: str, op: str, **kwargs: Any) -> Any:
+        return await asyncio.wait_for(getattr(self.worker.rpc(peer), op)(**kwargs), TIMEOUT)
+
+    def _emit(self, action: str, name: str, token: str, **extra: Any) -> None:
+        # imported here: dask_context.worker imports this module
+        from dask_context.worker import TOPIC
+
+        self.worker.log_event(
+            TOPIC, {"action": action, "context": name, "token": token, "node": self.node, **extra}
+        )
+
+    def _copy_dir(self, token: str) -> str:
+        if not isinstance(token, str) or not _TOKEN.match(token):
+            raise ValueError(f"not a context token: {token!r}")
+        return os.path.join(self.root, token)
+
+    # ------------------------------------------------------------ serving
+    async def serve_manifest(self, token: str) -> dict[str, Any] | None:
+        """Handler: the manifest of this node's complete copy of ``token``'s files, or None."""
+        return await asyncio.to_thread(_complete, self._copy_dir(token))
+
+    async def serve_chunk(self, token: str, path: str, offset: int, size: int) -> Serialize:
+        """Handler: up to ``size`` bytes (at most ``CHUNK``) of a file of a copy, from ``offset``."""
+        size = max(0, min(int(size), CHUNK))  # never a whole file at once: f.read(-1)
+        data = await asyncio.to_thread(self._read_chunk, token, path, int(offset), size)
+        # a frame of its own, not copied into the message
+        return to_serialize(data)
+
+    def _read_chunk(self, token: str, path: str, offset: int, size: int) -> bytes:
+        copy = self._copy_dir(token)
+        manifest = _manifest(copy)
+        # only files of the manifest are served: a path from a peer reaches nothing else
+        if manifest is None or path not in {e["path"] for e in manifest["files"]}:
+            raise StagingError(f"no file {path!r} in the copy of {token} here")
+        with open(os.path.join(copy, *PurePosixPath(path).parts), "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+
+def _dirname(files: str) -> str:
+    """The name the copy of ``files`` gets: the loader sees the same directory name.
+
+    >>> _dirname("/models/llm/"), _dirname("/")
+    ('llm', 'files')
+    """
+    return os.path.basename(os.path.normpath(files)) or "files"
+
+
+def _write(target: str, chunks: Iterator[bytes]) -> tuple[int, str]:
+    """Write ``chunks`` to a new file ``target``; return its size and BLAKE2b digest."""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    digest = hashlib.new(ALGORITHM, digest_size=32)
+    size = 0
+    with open(target, "xb") as out:
+        for data in chunks:
+            digest.update(data)
+            out.write(data)
+            size += len(data)
+    return size, digest.hexdigest()
+
+
+def _ahead(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks``, each next one read in a thread while the caller handles the last.
+
+    >>> list(_ahead(iter([b"a", b"b"])))
+    [b'a', b'b']
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="dask-context-read") as pool:
+        future = pool.submit(next, chunks, None)
+        while (data := future.result()) is not None:
+            future = pool.submit(next, chunks, None)
+            yield data
+
+
+def _clear(tmp: str) -> None:
+    """Empty ``tmp`` for the next attempt."""
+    for entry in os.listdir(tmp):
+        shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
+
+
+def _entries(manifest: Any, top: str) -> list[dict[str, Any]]:
+    """The files of a manifest from a peer, refusing any that would land outside
+    ``<copy>/<top>``.
+
+    >>> _entries({"files": [{"path": "m/w.bin", "size": 3, "digest": "ab"}]}, "m")
+    [{'path': 'm/w.bin', 'size': 3, 'digest': 'ab'}]
+    >>> _entries({"files": [{"path": "m/../../etc/passwd", "size": 3, "digest": "ab"}]}, "m")
+    Traceback (most recent call last):
+    ...
+    dask_context.staging.StagingError: bad manifest entry {'path': 'm/../../etc/passwd', 'size': 3, 'digest': 'ab'}
+    """
+    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(entries, (list, tuple)):  # msgpack makes lists tuples
+        raise StagingError(f"bad manifest {manifest!r}")
+    for e in entries:
+        path = PurePosixPath(e.get("path", "")) if isinstance(e, dict) else PurePosixPath()
+        if (
+            len(path.parts) < 2 or path.parts[0] != top or ".." in path.parts
+            or not isinstance(e.get("size"), int) or e["size"] < 0 or not isinstance(e.get("digest"), str)
+        ):
+            raise StagingError(f"bad manifest entry {e!r}")
+    return entries
+
+
+def _manifest(copy: str) -> dict[str, Any] | None:
+    """The manifest of ``copy``; None if it has none, or one that cannot be read."""
+    try:
+        with open(os.path.join(copy, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), list) else None
+
+
+def _complete(copy: str) -> dict[str, Any] | None:
+    """The manifest of ``copy`` if every file it lists is there with its size, else None.
+
+    Sizes are checked, not digests: a copy was checked when it was made, and reading it
+    all again before every load would cost as much as the load's own read.
+    """
+    manifest = _manifest(copy)
+    if manifest is None:
+        return None
+    for e in manifest["files"]:
+        try:
+            if os.stat(os.path.join(copy, *PurePosixPath(e["path"]).parts)).st_size != e["size"]:
+                return None
+        except OSError:
+            return None
+    return manifest
+
+
+def _remove(copy: str) -> None:
+    """Remove ``copy`` once no worker of the node is staging it."""
+    with _locked(copy + ".lock"):
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if needed) across processes.
+
+    The file is never removed: a process waiting on it would hold a lock nobody else sees.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -139,6 +139,8 @@ class ContextRecord:
     error: dict[str, Any] | None = None
     #: node-local copies of its files (``ContextSpec.files``): worker -> node
     staged: dict[str, str] = field(default_factory=dict)
+    #: the worker copying its files from ``files`` now; the others wait for its copy
+    reader: str | None = None
     files: str | None = None
     loads: int = 0
     #: warm-ups from a worker's host-memory copy (a copy to the GPU, not a load)
@@ -211,6 +213,8 @@ class RouterState:
         for ctx in self.contexts.values():
             ctx.allowed.discard(address)
             ctx.staged.pop(address, None)
+            if ctx.reader == address:
+                ctx.reader = None
         for keys in w.tasks.values():
             for key in keys:
                 task = self.tasks.get(key)

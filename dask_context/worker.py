@@ -96,9 +96,12 @@ class WorkerContexts(WorkerPlugin):
 
     name = "dask-context"
 
-    def __init__(self, worker: Worker, cache: ContextCache, device: str, job: str | None):
+    def __init__(
+        self, worker: Worker, cache: ContextCache, device: str, job: str | None, stager: Stager
+    ):
         self.worker = worker
         self.cache = cache
+        self.stager = stager
         self.device = device
         self.job = job
         # keys of running annotated tasks -> the contexts they called get_context for
@@ -111,21 +114,22 @@ class WorkerContexts(WorkerPlugin):
     # ------------------------------------------------------------ specs
     async def add(self, spec: ContextSpec) -> None:
         await asyncio.to_thread(self.cache.add, spec)
+        # the staged files of a replaced spec are the old spec's
+        await self.stager.discard(spec.name, spec.token)
         await self.announce()
         if spec.eager:
             self.cache.load_in_background(spec.name)
 
     async def remove(self, name: str) -> None:
         await asyncio.to_thread(self.cache.remove, name)
+        await self.stager.discard(name)
         self.emit({"action": "specs", "specs": self.cache.specs()})
 
     async def announce(self) -> None:
         """Tell the router (if there is one) what this worker holds and can load."""
-        try:
+        if await router_present(self.worker.scheduler):
             await self.worker.scheduler.dask_context_worker(worker=self.worker.address, **self.state())
-        except Exception as exc:
-            if "dask_context_worker" not in str(exc):
-                raise
+        else:
             logger.debug("No dask-context router on the scheduler: contexts are not routed")
 
     def state(self) -> dict[str, Any]:
@@ -259,7 +263,7 @@ async def _create(worker: Worker) -> WorkerContexts:
         host_budget=host_budget,
         torch_threads=int(threads),
     )
-    contexts = WorkerContexts(worker, cache, device, _compat.batch_job())
+    contexts = WorkerContexts(worker, cache, device, _compat.batch_job(), stager)
     holder.append(contexts)
     worker.extensions[EXTENSION] = contexts
     worker.handlers["dask_context_evict"] = contexts.evict
@@ -285,14 +289,20 @@ async def _settings(worker: Worker) -> dict[str, Any]:
     nanny, or the cluster, had before.
     """
     settings = config.worker_settings()
-    try:
-        return await worker.scheduler.dask_context_settings(
-            worker=worker.address, nanny=worker.nanny, settings=settings
-        )
-    except Exception as exc:
-        if "dask_context_settings" not in str(exc):
-            raise
+    if not await router_present(worker.scheduler):
         return settings
+    return await worker.scheduler.dask_context_settings(
+        worker=worker.address, nanny=worker.nanny, settings=settings
+    )
+
+
+async def router_present(scheduler: Any) -> bool:
+    """Whether the scheduler runs the router (``scheduler`` is an rpc to it).
+
+    A call to a handler the scheduler lacks returns None (and logs a warning there)
+    rather than raising, so callers ask first.
+    """
+    return bool(await scheduler.get_metadata(keys=ROUTER_METADATA, default=False))
 
 
 def get_context(name: str) -> Any:

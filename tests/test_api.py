@@ -53,3 +53,16 @@ async def test_unregister_frees_the_context_everywhere(c, s, a, b):
     with dc.use("A"):
         with pytest.raises(dc.UnknownContextError, match="unknown context 'A'"):
             await c.submit(where, 1, name="A")
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_worker_plugins_without_the_router_work_unrouted(c, s, a):
+    # only the worker side (no ContextRouter on the scheduler): contexts still load
+    # once per worker and tasks still get them, they are just not routed
+    await c.register_plugin(dc.ContextPlugin(dc.ContextSpec("A", blob, args=["A"])))
+    with dc.use("A"):
+        assert [x for x, _ in await c.gather(c.map(where, range(4), name="A"))] == [0, 1, 2, 3]
+    assert a.extensions["dask-context"].cache.loads == {"A": 1}
+    assert "dask-context" not in s.plugins
+    with pytest.raises(dc.UnknownContextError, match="unknown context 'A'"):
+        await dc.unregister(c, "A")

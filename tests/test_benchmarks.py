@@ -42,6 +42,7 @@ def test_outputs_exist(quick):
     out, results = quick
     md = (out / "results.md").read_text()
     assert "| scenario | B |" in md and "dask-context" in md
+    assert "| arm | all warm (s) |" in md
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["meta"]["quick"] is True
     assert results["calibration"]["load_seconds"] > 0
@@ -86,7 +87,22 @@ def test_scenarios_do_what_they_say(quick):
         assert len(row["loads_per_model"]) == 3, row
 
 
-@pytest.mark.parametrize("module", ["loading", "calibrate", "plan", "timeline"])
+def test_coldstart_reads_the_shared_storage_once_with_peers(quick):
+    _, results = quick
+    rows = {r["arm"]: r for r in results["coldstart"]}
+    assert set(rows) == {"filesystem", "peer bootstrap"}
+    size, n = rows["filesystem"]["checkpoint_bytes"], rows["filesystem"]["workers"]
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["all_warm"] > 0 and row["bound"] > 0
+    # without peers every worker reads the checkpoint from the shared storage
+    assert rows["filesystem"]["shared_bytes"] == n * size
+    peer = rows["peer bootstrap"]
+    assert peer["shared_bytes"] == size and peer["peer_bytes"] == (n - 1) * size
+    assert peer["origins"] == ["files"] + ["peer"] * (n - 1)
+
+
+@pytest.mark.parametrize("module", ["loading", "calibrate", "plan", "timeline", "coldstart"])
 def test_doctests(module):
     mod = importlib.import_module(f"benchmarks.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

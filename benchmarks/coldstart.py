@@ -1,0 +1,281 @@
+"""Scenario ``coldstart``: N workers start cold at once against shared storage.
+
+N worker processes (4 by default), each emulating a node of its own (its own
+``dask-context.worker.node`` and staging directory), become cold together: an eager
+context is registered, so every worker loads the model at once. The checkpoint lives
+on an emulated shared filesystem of fixed total bandwidth ``B``: every read of it,
+from any process, draws on one bandwidth (:class:`SharedStorage`), so N concurrent
+readers get about ``B/N`` each, as nodes reading weights from a shared filesystem do.
+
+Two arms:
+
+- ``filesystem``: the loader reads the checkpoint from the shared storage on every
+  worker (no ``files=``): what happens without peer bootstrap;
+- ``peer bootstrap``: the spec has ``files=checkpoint``; one worker copies it from the
+  shared storage into its node's staging directory, the others fetch that copy over
+  Dask's worker-to-worker comms (:mod:`dask_context.staging`) and load from it.
+
+Measured: seconds from registration until every worker holds the model ("all
+warm", from the workers' ``loaded`` events), and the bytes read from the shared
+storage and moved between peers. The bounds no implementation can beat, with ``S``
+the checkpoint's size and ``l`` a load from a local, page-cached copy:
+
+- filesystem: ``N·S/B + l`` (the storage delivers N copies, then the last loads);
+- peer bootstrap: ``S/B + l`` (one copy from the storage; peers infinitely fast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import logging
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import psutil
+from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
+
+import dask_context
+from benchmarks.loading import CHUNK, checkpoint_bytes, checkpoint_files
+from benchmarks.runner import wait_ready
+from benchmarks.tasks import Warmup
+from dask_context.models import load_causal_lm
+from dask_context.staging import Stager
+
+logger = logging.getLogger(__name__)
+
+NAME = "coldstart"
+WORKERS = 4
+ARMS = ("filesystem", "peer bootstrap")
+NOTE = (
+    "The cold-start scenario emulates its nodes on this machine: the peer copies of every "
+    "node (receiving, BLAKE2b hashing and writing each byte) share its cores and disk, "
+    "which real nodes do in parallel; the filesystem arm mostly waits on the emulated "
+    "storage, which takes no CPU."
+)
+
+
+class SharedStorage:
+    """An emulated shared filesystem: reads through it, from any process, share one bandwidth.
+
+    The state is a small file holding when the storage is next free and the bytes it
+    delivered. A read of ``n`` bytes takes, under an exclusive lock on that file, the
+    next ``n / B`` seconds of the storage's time (queueing behind the reads granted
+    before it) and sleeps until they are over: concurrent readers interleave their
+    chunks and each gets ``B / readers``.
+
+    Parameters
+    ----------
+    state
+        The state file (created on first use).
+    mbps
+        Total bandwidth ``B`` in MB/s (10**6 bytes).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> storage = SharedStorage(tempfile.mktemp(), mbps=10)
+    >>> with tempfile.NamedTemporaryFile() as f:
+    ...     _ = f.write(bytes(10**6)); f.flush()
+    ...     start = time.time()
+    ...     nbytes = sum(map(len, storage.read(f.name)))
+    ...     seconds = time.time() - start
+    >>> nbytes, storage.delivered(), seconds >= 0.1
+    (1000000, 1000000, True)
+    """
+
+    def __init__(self, state: str, mbps: float):
+        self.state = state
+        self.mbps = mbps
+
+    def read(self, path: str) -> Iterator[bytes]:
+        """The bytes of file ``path``, in chunks, each once the storage delivered it."""
+        with open(path, "rb") as f:
+            while data := f.read(CHUNK):
+                time.sleep(max(0.0, self._take(len(data)) - time.time()))
+                yield data
+
+    def read_tree(self, path: str) -> int:
+        """Read every file of the checkpoint directory ``path``; return the bytes read."""
+        return sum(len(data) for file in checkpoint_files(path) for data in self.read(str(file)))
+
+    def delivered(self) -> int:
+        """Bytes delivered so far, by all readers."""
+        with self._locked() as fd:
+            return self._load(fd)[1]
+
+    def _take(self, nbytes: int) -> float:
+        """Book ``nbytes`` of transfer; return the wall-clock time it ends."""
+        with self._locked() as fd:
+            free_at, delivered = self._load(fd)
+            end = max(free_at, time.time()) + nbytes / (self.mbps * 1e6)
+            os.pwrite(fd, f"{end:.6f} {delivered + nbytes}\n".ljust(48).encode(), 0)
+        return end
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        fd = os.open(self.state, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _load(fd: int) -> tuple[float, int]:
+        fields = os.pread(fd, 48, 0).split()
+        return (float(fields[0]), int(fields[1])) if fields else (0.0, 0)
+
+
+class StagingReadsSharedStorage(WorkerPlugin):
+    """Route the staging's reads of ``files`` (:meth:`Stager.read_source`) through
+    the shared storage, in every worker process."""
+
+    name = "benchmark-shared-storage"
+
+    def __init__(self, storage: SharedStorage):
+        self.storage = storage
+
+    def setup(self, worker: Any) -> None:
+        storage = self.storage
+
+        def read_source(stager: Stager, path: str) -> Iterator[bytes]:
+            return storage.read(path)
+
+        Stager.read_source = read_source  # type: ignore[method-assign]
+
+
+def load_from_storage(path: str, storage: SharedStorage, dtype: str, device: str = "cpu") -> Any:
+    """Loader of the filesystem arm: read the checkpoint from the shared storage, then load it."""
+    storage.read_tree(path)
+    return load_causal_lm(path, device=device, dtype=dtype)
+
+
+def _process_cpu() -> float:
+    """CPU seconds of this process so far (run on the workers)."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+def _cpu_seconds(client: Client) -> float:
+    return sum(client.run(_process_cpu).values())
+
+
+def time_local_load(path: str, dtype: str, repeats: int = 3) -> float:
+    """Task: median seconds of ``load_causal_lm`` from a local, page-cached checkpoint."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        load_causal_lm(path, dtype=dtype)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+@contextlib.contextmanager
+def node_cluster(workers: int, threads: int, root: Path) -> Iterator[Client]:
+    """A cluster of ``workers`` single-threaded worker processes, each its own node
+    (node name and staging directory), with torch and transformers imported."""
+    specs = {}
+    for i in range(workers):
+        settings = copy.deepcopy(dask.config.get("dask-context"))
+        settings["worker"].update(node=f"node{i}", **{"staging-dir": str(root / f"node{i}")})
+        specs[f"node{i}"] = {"cls": Nanny, "options": {
+            "nthreads": 1, "config": {"dask-context": settings}, "silence_logs": logging.ERROR,
+        }}
+    cluster = SpecCluster(
+        workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+        silence_logs=logging.ERROR,
+    )
+    with cluster, Client(cluster) as client:
+        client.register_plugin(Warmup(threads))
+        wait_ready(client, workers)
+        yield client
+
+
+def run_arm(client: Client, spec: dask_context.ContextSpec, storage: SharedStorage,
+            workers: int, timeout: float) -> dict[str, Any]:
+    """Register the eager ``spec`` and wait until every worker loaded it.
+
+    Returns
+    -------
+    ``all_warm`` (seconds), ``shared_bytes`` (read from the shared storage),
+    ``peer_bytes`` (fetched from peers), ``origins`` (where each staged copy came from),
+    ``copy_seconds`` (median seconds a worker took to stage its copy, per origin),
+    ``worker_cpu`` (CPU seconds the worker processes spent until all were warm).
+    """
+    before, cpu = storage.delivered(), _cpu_seconds(client)
+    t0 = time.time()
+    dask_context.register(client, spec)
+    deadline = time.monotonic() + timeout
+    while True:
+        events = [(t, m) for t, m in client.get_events("dask-context") if m.get("context") == spec.name]
+        loaded = {m["worker"]: t for t, m in events if m["action"] == "loaded"}
+        failed = [m.get("error") for _, m in events if m["action"] == "failed"]
+        if len(loaded) >= workers or failed or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    cpu = _cpu_seconds(client) - cpu
+    staged = [m for _, m in events if m["action"] == "staged"]
+    dask_context.unregister(client, spec.name)
+    out: dict[str, Any] = {
+        "shared_bytes": storage.delivered() - before,
+        "peer_bytes": sum(m["nbytes"] for m in staged if m["origin"] == "peer"),
+        "origins": sorted(m["origin"] for m in staged),
+        "copy_seconds": {
+            o: statistics.median(m["seconds"] for m in staged if m["origin"] == o)
+            for o in {m["origin"] for m in staged}
+        },
+        "worker_cpu": cpu,
+        "status": "ok",
+    }
+    if failed or len(loaded) < workers:
+        out["status"] = f"load failed: {failed[0]}" if failed else f"{len(loaded)} of {workers} warm after {timeout:.0f} s"
+    else:
+        out["all_warm"] = max(loaded.values()) - t0
+    return out
+
+
+def measure(path: str, *, tmp: Path, mbps: float, dtype: str, threads: int = 1,
+            workers: int = WORKERS) -> list[dict[str, Any]]:
+    """Both arms on one cluster of ``workers`` nodes; one row per arm."""
+    size = checkpoint_bytes(path)
+    storage = SharedStorage(str(tmp / "shared-storage"), mbps)
+    transfer = size / (mbps * 1e6)
+    with node_cluster(workers, threads, tmp / "nodes") as client:
+        client.register_plugin(StagingReadsSharedStorage(storage))
+        # on each worker in turn: its first load pays lazy imports, and loads at once
+        # would measure the contention of the 2 cores instead
+        local = statistics.median(
+            client.submit(time_local_load, path, dtype, workers=[w], pure=False).result()
+            for w in sorted(client.scheduler_info(n_workers=-1)["workers"])
+        )
+        logger.info("Cold start: %d workers, %.0f MB at %g MB/s shared, local load %.2f s",
+                    workers, size / 1e6, mbps, local)
+        specs = {
+            "filesystem": dask_context.ContextSpec(
+                "coldstart-fs", load_from_storage, args=[path],
+                kwargs={"storage": storage, "dtype": dtype}, eager=True,
+            ),
+            "peer bootstrap": dask_context.ContextSpec(
+                "coldstart-peer", load_causal_lm, kwargs={"dtype": dtype}, files=path, eager=True,
+            ),
+        }
+        bounds = {"filesystem": workers * transfer + local, "peer bootstrap": transfer + local}
+        rows = []
+        for arm in ARMS:
+            measured = run_arm(client, specs[arm], storage, workers, timeout=120 + 10 * workers * transfer)
+            wall = measured.get("all_warm")
+            rows.append({
+                "scenario": NAME, "arm": arm, "workers": workers, "mbps": mbps,
+                "checkpoint_bytes": size, "local_load": local, "bound": bounds[arm],
+                "x_bound": wall / bounds[arm] if wall else None, "all_warm": wall, **measured,
+            })
+            logger.info("Cold start, %s: all %d warm after %s s (bound %.2f s), %.0f MB from the shared storage",
+                        arm, workers, f"{wall:.2f}" if wall else "-", bounds[arm], measured["shared_bytes"] / 1e6)
+    return rows
