@@ -64,6 +64,8 @@ class Preemptor:
         self.kills: list[dict[str, Any]] = []
         self._rng = random.Random(seed)
         self._stop = threading.Event()
+        self._first = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="preemptor", daemon=True)
 
     def __enter__(self) -> Preemptor:
@@ -74,15 +76,33 @@ class Preemptor:
         self._stop.set()
         self._thread.join()
 
+    def first_kill(self) -> None:
+        """Make the first kill now if the first fraction is done and none was made.
+
+        The collector calls this after each result, so that every arm loses a warm
+        worker however fast it runs (a thread polling the progress could miss a
+        short arm altogether).
+        """
+        with self._lock:  # the collector and the thread may both try
+            if not self._first.is_set() and self.first_fraction <= self.progress() < 1.0:
+                self._kill()
+                self._first.set()
+
     def _loop(self) -> None:
-        while not self._stop.is_set() and self.progress() < self.first_fraction:
+        # after the first kill (made by the collector, or here if no result comes),
+        # one every `interval` seconds
+        while not self._stop.is_set() and not self._first.is_set():
+            if self.progress() >= self.first_fraction:
+                self.first_kill()
             self._stop.wait(0.05)
-        while not self._stop.is_set() and self.progress() < 1.0:
-            try:
-                self._kill_one()
-            except Exception:  # a kill racing a restart must not end the benchmark
-                logger.exception("Preemption failed")
-            self._stop.wait(self.interval)
+        while not self._stop.wait(self.interval) and self.progress() < 1.0:
+            self._kill()
+
+    def _kill(self) -> None:
+        try:
+            self._kill_one()
+        except Exception:  # a kill racing a restart must not end the benchmark
+            logger.exception("Preemption failed")
 
     def _kill_one(self) -> None:
         pids: dict[str, int] = self.client.run(os.getpid, on_error="ignore")

@@ -204,6 +204,8 @@ def collect(
             results[index[future.key]] = result
             progress.done += 1
             future.release()
+            if preemptor is not None:
+                preemptor.first_kill()
     return results, (preemptor.kills if preemptor else [])
 
 
