@@ -45,8 +45,10 @@ def placeholders(model_dir: Path, workdir: Path) -> dict[str, str]:
     """What a reader replaces in a block, and what the test replaces it with."""
     return {
         "/models/llm": str(model_dir),
+        "/shared/models/llm": str(model_dir),
         "/shared/dask-config": str(workdir / "dask-config"),
-        "Client(...)": "Client(LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=':0'))",
+        "Client(...)": "Client(__import__('distributed').LocalCluster(n_workers=2, "
+                       "threads_per_worker=1, dashboard_address=':0'))",
         "load_claims()": "__import__('dask_context.factcheck').factcheck.make_claims(100)",
     }
 
