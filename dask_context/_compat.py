@@ -10,6 +10,7 @@ pins dask and distributed to the range these were checked against (``TESTED``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Hashable, Iterable, Iterator
@@ -231,6 +232,18 @@ def current_key() -> Hashable | None:
     from distributed.worker import thread_state
 
     return getattr(thread_state, "key", None)
+
+
+@contextlib.contextmanager
+def as_worker(worker: Worker) -> Iterator[None]:
+    """Let ``get_worker()`` return ``worker`` in this thread (a load outside a task)."""
+    from distributed.worker import _worker_cvar
+
+    token = _worker_cvar.set(worker)
+    try:
+        yield
+    finally:
+        _worker_cvar.reset(token)
 
 
 def running_keys(worker: Worker) -> set[Hashable]:

@@ -18,6 +18,7 @@ on CPUs).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -110,6 +111,9 @@ class ContextCache:
     torch_threads
         torch's intra-op threads, set once torch is imported in this process (loaders
         import it lazily, so a worker whose contexts do not use torch never does).
+    thread_context
+        Entered around loads in background threads (the worker lets ``get_worker()``
+        work there, as it does in tasks).
 
     Examples
     --------
@@ -141,6 +145,7 @@ class ContextCache:
         host_budget: float = 0.0,
         mover: Mover | None = None,
         torch_threads: int | None = None,
+        thread_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     ):
         self.budget = budget
         self.host_budget = host_budget
@@ -148,6 +153,7 @@ class ContextCache:
         self._torch_threads = torch_threads
         self._torch_threads_set = False
         self._stage = stage
+        self._thread_context = thread_context
         self.device = device
         self.failed_load_retry = failed_load_retry
         self._emit = emit
@@ -240,13 +246,15 @@ class ContextCache:
                 # the spec was replaced or removed while it loaded: load the new one
 
     def load_in_background(self, name: str) -> threading.Thread:
-        """Start loading ``name`` in a daemon thread (eager contexts)."""
+        """Start loading ``name`` in a daemon thread (eager contexts, warm-ups asked
+        for by the router); a failure is reported like any failed load."""
 
         def run() -> None:
             try:
-                self.get(name)
+                with self._thread_context():
+                    self.get(name)
             except Exception:
-                logger.exception("Eager load of context %r failed", name)
+                logger.info("Loading context %r in the background failed", name, exc_info=True)
 
         thread = threading.Thread(target=run, name=f"dask-context-load-{name}", daemon=True)
         thread.start()

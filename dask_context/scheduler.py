@@ -36,7 +36,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -583,7 +583,7 @@ class ContextRouter(SchedulerPlugin):
             ctx.allowed.add(w.address)
         elif action == "loaded":
             w.loading.discard(name)
-            w.chosen.pop(name, None)
+            w.unchoose(name)
             ctx.allowed.add(w.address)
             if msg.get("from") == "host":
                 # a copy back from host memory says nothing of a load from storage
@@ -599,7 +599,7 @@ class ContextRouter(SchedulerPlugin):
                 task.load_seconds = msg["seconds"]
         elif action == "evicted":
             w.loading.discard(name)
-            w.chosen.pop(name, None)
+            w.unchoose(name)
             ctx.allowed.discard(w.address)
             ctx.evictions += 1
             ctx.unload_seconds += msg.get("seconds", 0.0)
@@ -712,6 +712,7 @@ class ContextRouter(SchedulerPlugin):
             if self._replan_wanted:
                 self._replan_wanted = False
                 self._replan()
+                self._warm_up()
             self._feed()
         except Exception:
             self._fail_safe("routing", self._all_waiting())
@@ -731,10 +732,9 @@ class ContextRouter(SchedulerPlugin):
         for c, ctx in st.contexts.items():
             head = st.head(ctx)
             # a measured load against a guessed duration would warm workers on no
-            # evidence; guesses on both sides (before the first load) are comparable
-            measuring = routing and ctx.load_time is not None and any(
-                w.inflight(c) for w in records.values()
-            )
+            # evidence (a warm worker is measuring its tasks' duration now); guesses
+            # on both sides (before the first load) are comparable
+            measuring = routing and ctx.load_time is not None
             contexts[c] = ContextView(
                 queued=ctx.waiting,
                 backlog=sum(n * self._duration(p, measuring) for p, n in ctx.by_prefix.items()),
@@ -770,8 +770,8 @@ class ContextRouter(SchedulerPlugin):
 
         An unknown duration counts as the average of the context tasks measured so
         far (distributed's ``unknown-task-duration`` before any), except
-        (``measuring``) when the context's load time is already measured and one of
-        its tasks is running: its duration is due soon.
+        (``measuring``) when the context's load time is already measured: a warm
+        worker runs its tasks, and their duration is due soon.
         """
         known = self.durations.get(prefix)
         if known is not None:
@@ -806,7 +806,7 @@ class ContextRouter(SchedulerPlugin):
             w = st.workers[address]
             for name in victims:
                 st.contexts[name].allowed.discard(address)
-                w.chosen.pop(name, None)
+                w.unchoose(name)
             held = [v for v in victims if v in w.resident or v in w.loading]
             if held:
                 w.evicting.update(held)
@@ -822,13 +822,29 @@ class ContextRouter(SchedulerPlugin):
                 if w is None or not self._can_load(w, ctx):
                     ctx.allowed.discard(address)
                     if w is not None:
-                        w.chosen.pop(ctx.name, None)
+                        w.unchoose(ctx.name)
                 elif ctx.name in w.chosen and not ctx.waiting and not w.inflight(ctx.name):
                     if not w.holds(ctx.name):
                         ctx.allowed.discard(address)
-                    del w.chosen[ctx.name]
+                    w.unchoose(ctx.name)
                 elif not (w.holds(ctx.name) or ctx.name in w.chosen or w.inflight(ctx.name)):
                     ctx.allowed.discard(address)
+
+    def _warm_up(self) -> None:
+        """Ask the workers chosen to warm a context to load it (once their room is made)."""
+        for address, w in self.state.workers.items():
+            if w.evicting:
+                continue
+            for name in w.chosen:
+                if name not in w.asked and not w.holds(name):
+                    w.asked.add(name)
+                    self._spawn(self._ask_to_load(address, name))
+
+    async def _ask_to_load(self, address: str, name: str) -> None:
+        try:
+            await self.scheduler.rpc(address).dask_context_warm(name=name)
+        except Exception as exc:  # the worker left; remove_worker cleans up
+            logger.info("Could not ask %s to load %r: %r", address, name, exc)
 
     async def _evict(self, address: str, names: list[str]) -> None:
         """Ask a worker to evict ``names`` before it warms up what replaces them."""
@@ -843,7 +859,7 @@ class ContextRouter(SchedulerPlugin):
             if set(names) - set(evicted):
                 # a task there still needs it: the warm-up that needed the room waits
                 for name in [c for c in w.chosen if not w.holds(c)]:
-                    del w.chosen[name]
+                    w.unchoose(name)
                     self.state.contexts[name].allowed.discard(address)
         self._wake(replan=True)
 
@@ -866,10 +882,10 @@ class ContextRouter(SchedulerPlugin):
             w = st.workers.get(address)
             if ws is None or w is None or w.draining or not _compat.is_running(self.scheduler, ws):
                 continue
-            usable = [
-                c for c in contexts
-                if self._can_load(w, c) and (c.name in w.resident or not w.evicting)
-            ]
+            # only warm contexts: a worker loads a context before it gets any of its
+            # tasks, so that a worker lost (or preempted) during a load takes no task
+            # with it and no thread waits for a load
+            usable = [c for c in contexts if c.name in w.resident and self._can_load(w, c)]
             if not usable:
                 continue
             # prefetch only while there is work for every worker serving these
@@ -879,17 +895,8 @@ class ContextRouter(SchedulerPlugin):
             peers = len(set().union(*(c.allowed for c in usable)))
             extra = self.prefetch if queued > peers else 0
             free = ws.nthreads + extra - _compat.processing_count(ws)
-            taken: Counter[str] = Counter()
             while free > 0:
-                heads = []
-                for c in usable:
-                    # a worker still loading a context gets one of its tasks, not a
-                    # second thread that would only wait for the load
-                    if c.name not in w.resident and w.inflight(c.name) + taken[c.name] >= 1:
-                        continue
-                    task = st.head(c)
-                    if task is not None:
-                        heads.append((task.priority, task.seq, c))
+                heads = [(t.priority, t.seq, c) for c in usable if (t := st.head(c)) is not None]
                 if not heads:
                     break
                 _, _, c = min(heads)
@@ -900,7 +907,6 @@ class ContextRouter(SchedulerPlugin):
                     usable.remove(c)
                     continue
                 placements.append((ts, address))
-                taken[c.name] += 1
                 free -= 1
         if placements:
             _compat.send(self.scheduler, placements, f"dask-context-feed-{time.time()}")

@@ -91,6 +91,8 @@ class WorkerRecord:
     loading: set[str] = field(default_factory=set)
     #: contexts the router chose this worker to warm, and since when
     chosen: dict[str, float] = field(default_factory=dict)
+    #: chosen contexts the worker was asked to load
+    asked: set[str] = field(default_factory=set)
     #: contexts the router asked this worker to evict (the reply is pending)
     evicting: set[str] = field(default_factory=set)
     last_used: dict[str, float] = field(default_factory=dict)
@@ -101,6 +103,11 @@ class WorkerRecord:
     idle_since: float = field(default_factory=time.monotonic)
     #: the worker was told it will be preempted: it takes no new context tasks
     draining: bool = False
+
+    def unchoose(self, name: str) -> None:
+        """The worker is no longer to warm ``name`` (it did, or the plan changed)."""
+        self.chosen.pop(name, None)
+        self.asked.discard(name)
 
     def holds(self, name: str) -> bool:
         return name in self.resident or name in self.loading
@@ -193,6 +200,7 @@ class RouterState:
                 table.pop(name, None)
             w.loading.discard(name)
             w.evicting.discard(name)
+            w.asked.discard(name)
         tasks = [t for t in self.tasks.values() if t.context == name]
         for t in tasks:
             del self.tasks[t.key]
@@ -228,7 +236,7 @@ class RouterState:
         w = self.workers.get(address)
         if w is not None:
             w.failed[ctx.name] = when
-            w.chosen.pop(ctx.name, None)
+            w.unchoose(ctx.name)
             w.loading.discard(ctx.name)
 
     def expire_failures(self, now: float, retry: float) -> None:

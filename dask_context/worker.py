@@ -144,6 +144,16 @@ class WorkerContexts(WorkerPlugin):
             "host": self.cache.host_bytes(),
         }
 
+    def warm(self, name: str) -> None:
+        """Handler: the router chose this worker for ``name``: load it in the background.
+
+        Tasks of the context come only once it is loaded, so a worker preempted
+        while it loads takes no task with it.
+        """
+        if name in self.cache.names() and name not in self.cache.resident_bytes() \
+                and name not in self.cache.loading():
+            self.cache.load_in_background(name)
+
     async def evict(self, names: list[str]) -> list[str]:
         """Handler: evict ``names`` (those no task here needs), off the event loop."""
         return await asyncio.to_thread(self.cache.evict_unused, names)
@@ -262,11 +272,13 @@ async def _create(worker: Worker) -> WorkerContexts:
         stage=stager.stage,
         host_budget=host_budget,
         torch_threads=int(threads),
+        thread_context=lambda: _compat.as_worker(worker),
     )
     contexts = WorkerContexts(worker, cache, device, _compat.batch_job(), stager)
     holder.append(contexts)
     worker.extensions[EXTENSION] = contexts
     worker.handlers["dask_context_evict"] = contexts.evict
+    worker.handlers["dask_context_warm"] = contexts.warm
     worker.handlers["dask_context_state"] = contexts.state
     worker.handlers.update(stager.handlers())
     await worker.plugin_add(contexts, name=WorkerContexts.name)

@@ -24,7 +24,7 @@ def test_main_job_on_the_embedded_default(tmp_path):
     assert summary["batches"] == 20 and summary["tasks"] == 20
     assert summary["workers"] == 2
     assert summary["loads"] in (1, 2)  # one per worker that served, never per task
-    assert summary["warm_hits"] == 20 - summary["loads"]
+    assert summary["warm_hits"] == 20  # workers load before they get tasks
     assert (tmp_path / ".dask-context-cache" / "model-tiny" / "config.json").exists()
     written = (tmp_path / "v.jsonl").read_text().splitlines()
     assert len(written) == 120 and summary["out"] == str(tmp_path / "v.jsonl")

@@ -297,7 +297,8 @@ async def test_counts_mean_what_they_say_and_nothing_is_left_behind(c, s, a, b):
     # partitions count as context tasks (not the aggregate)
     assert len(await c.compute(bag)) == 40
     r = (await report(c))["contexts"]["A"]
-    assert r["tasks"] == 10 and r["hits"] + r["loads"] == 10 and r["requeued"] == 0
+    # every task found the context warm: workers load before they get tasks
+    assert r["tasks"] == 10 and r["hits"] == 10 and r["loads"] >= 1 and r["requeued"] == 0
     # cancelling running tasks is not a requeue
     ev = Event()
     with dc.use("A"):

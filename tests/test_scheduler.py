@@ -1,3 +1,4 @@
+import asyncio
 """Routing logic, on in-process clusters (distributed's gen_cluster)."""
 
 from collections import Counter
@@ -205,17 +206,14 @@ async def test_adaptive_target_counts_load_time_and_holds_during_the_first_load(
 
     with dc.use("A"):
         futures = c.map(where, range(30), name="A", seconds=0.01)
-    await async_poll_for(
-        lambda: any(t.worker for t in s.plugins["dask-context"].state.tasks.values()), timeout=5
-    )
-    before = await target()
-    # 28+ queued tasks x 0.5 s (no duration known) over (1 s start-up + 1 s load)
-    assert before >= 7
-    # the first task is loading: routing waits for its measurement, scaling must not
-    # drop its target meanwhile (adapt would cancel the workers it just asked for)
+    # the worker loads A (2 s) before it gets any task: scaling must not drop its
+    # target meanwhile (adapt would cancel the workers it has just asked for):
+    # 30 queued tasks x 0.5 s (no duration known) over (1 s start-up + 1 s load)
     await async_poll_for(
         lambda: any(e["action"] == "loading" for _, e in s.get_events("dask-context")), timeout=5
     )
+    assert await target() >= 7
+    await asyncio.sleep(0.5)
     assert await target() >= 7
     await c.gather(futures)
     del futures

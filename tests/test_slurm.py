@@ -37,6 +37,7 @@ from dask_jobqueue import SLURMCluster
 from distributed import Client, Future, get_worker, wait
 
 import dask_context as dc
+from dask_context import preemption
 from dask_context.factcheck import judge, make_claims, verify
 from dask_context.models import load_causal_lm
 
@@ -244,17 +245,19 @@ def job_of(slurm: Slurm, address: str) -> str:
 
 @dataclass
 class Runs:
-    """Task starts and ends read back from the run log."""
+    """Task starts and ends read back from the run log, with the jobs they ran in."""
 
     starts: Counter[str]
     ends: Counter[str]
     started_on: dict[str, set[str]]
+    ended_on: dict[str, set[str]]
 
     @classmethod
     def read(cls, path: Path) -> Runs:
         starts: Counter[str] = Counter()
         ends: Counter[str] = Counter()
         started_on: dict[str, set[str]] = {}
+        ended_on: dict[str, set[str]] = {}
         for line in path.read_text().splitlines():
             event, key, job = line.split()
             if event == "start":
@@ -262,7 +265,8 @@ class Runs:
                 started_on.setdefault(job, set()).add(key)
             else:
                 ends[key] += 1
-        return cls(starts, ends, started_on)
+                ended_on.setdefault(job, set()).add(key)
+        return cls(starts, ends, started_on, ended_on)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -306,6 +310,11 @@ def expected(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def start_slurm(tmp_path: Path, expected: dict[str, Any]) -> Iterator[Callable[..., Slurm]]:
     """Start an adaptive SLURMCluster with the ``verifier`` context registered.
 
+    ``grace`` turns on draining on SIGTERM (:mod:`dask_context.preemption`) with that
+    grace; without it, workers die on SIGTERM, as Dask's own do. ``srun`` runs
+    each worker in a job step, which gets the SIGTERM that starts a ``GraceTime``
+    (the batch script only gets the one at its end).
+
     Teardown closes the cluster, then cancels whatever is left of its jobs by name and
     waits until ``squeue`` no longer lists them, so that no test leaves jobs behind.
     """
@@ -328,6 +337,8 @@ def start_slurm(tmp_path: Path, expected: dict[str, Any]) -> Iterator[Callable[.
         keep_warm: str = "60s",
         wait_count: int = WAIT_COUNT,
         load_time: str | None = None,
+        grace: str | None = None,
+        srun: bool = False,
     ) -> Slurm:
         name = f"dask-context-test-{os.getpid()}-{next(_names)}"
         names.append(name)
@@ -354,7 +365,8 @@ def start_slurm(tmp_path: Path, expected: dict[str, Any]) -> Iterator[Callable[.
             interface="lo",
             job_name=name,
             walltime="00:10:00",
-            python=sys.executable,  # the venv running the tests, on the worker too
+            # the venv running the tests, on the worker too
+            python=f"srun {sys.executable}" if srun else sys.executable,
             log_directory=str(tmp_path / "slurm-logs"),
             # the task functions live in this module, which workers import by name
             job_script_prologue=[f"export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"],
@@ -371,6 +383,10 @@ def start_slurm(tmp_path: Path, expected: dict[str, Any]) -> Iterator[Callable[.
             client,
             dc.ContextSpec("verifier", load_causal_lm, args=[str(expected["path"])], load_time=load_time),
         )
+        if grace is None:
+            preemption.disable(client)
+        else:
+            preemption.enable(client, grace=grace)
         adaptive = cluster.adapt(
             minimum_jobs=0,
             maximum_jobs=max_jobs,
@@ -491,7 +507,8 @@ def test_lost_worker_job_loses_no_result(
     start_slurm: Callable[..., Slurm], expected: dict[str, Any], how: str
 ) -> None:
     # "preempt": the workers run in the preemptable 'scavenger' partition and a job
-    # in 'high' takes the CPUs of one of them, as on a shared production cluster
+    # in 'high' takes the CPUs of one of them, as on a shared production cluster.
+    # The workers do not drain on the warning here (tests/test_slurm_drain.py: they do)
     s = start_slurm(max_jobs=2, queue="scavenger" if how == "preempt" else "debug")
     futures = s.submit(BATCHES, seconds=0.3)
     keys = {f.key for f in futures}
