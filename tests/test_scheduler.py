@@ -1,6 +1,6 @@
-import asyncio
 """Routing logic, on in-process clusters (distributed's gen_cluster)."""
 
+import asyncio
 from collections import Counter
 
 import dask
