@@ -21,13 +21,14 @@
 #   SLURM_MEM_MB        RealMemory of the node in MB (default 85% of MemTotal).
 #   SLURM_PREEMPT_MODE  what happens to a `scavenger` job preempted by a `high` job:
 #                       REQUEUE (default) or CANCEL.
+#   SLURM_GRACE_TIME    GraceTime (seconds) of the `grace` partition (default 10).
 #   SLURM_KEEP_STATE=1  restart slurmctld with its saved jobs instead of a clean state.
 #   SLURM_TIMEOUT       seconds to wait for each readiness step (default 60).
 #   SLURM_SMOKE=0       skip the smoke job run after a daemon (re)start.
 #
-# Partitions: debug (default), scavenger (preemptable, lowest PriorityTier) and high
-# (preempts scavenger jobs), so that tests can preempt worker jobs the way a busy
-# production cluster does.
+# Partitions: debug (default), scavenger (preemptable, lowest PriorityTier), grace
+# (preemptable with a warning: GraceTime) and high (preempts scavenger and grace jobs),
+# so that tests can preempt worker jobs the way a busy production cluster does.
 set -euo pipefail
 
 TIMEOUT=${SLURM_TIMEOUT:-60}
@@ -101,6 +102,8 @@ CPUS=${SLURM_CPUS:-$(( NPROC > 8 ? NPROC : 8 ))}
 MEM_MB=${SLURM_MEM_MB:-$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.85}' /proc/meminfo)}
 PREEMPT_MODE=${SLURM_PREEMPT_MODE:-REQUEUE}
 case "$PREEMPT_MODE" in REQUEUE|CANCEL) ;; *) die "SLURM_PREEMPT_MODE must be REQUEUE or CANCEL" ;; esac
+GRACE_TIME=${SLURM_GRACE_TIME:-10}
+case "$GRACE_TIME" in ''|*[!0-9]*) die "SLURM_GRACE_TIME must be a number of seconds" ;; esac
 
 install -d -m 0755 /etc/slurm /var/spool/slurmctld /var/spool/slurmd "$LOGDIR"
 
@@ -151,14 +154,20 @@ KillWait=5
 MinJobAge=60
 InactiveLimit=0
 Waittime=0
-# preemption by partition: a job in 'high' takes the CPUs of 'scavenger' jobs. The
-# global mode must not be OFF once preemption is on, so partitions that must never be
-# preempted say OFF themselves.
+# preemption by partition: a job in 'high' takes the CPUs of 'scavenger' and 'grace'
+# jobs. The global mode must not be OFF once preemption is on, so partitions that must
+# never be preempted say OFF themselves.
+# 'grace' warns first: a preempted job's steps get SIGTERM at once and the job ends
+# GraceTime later (slurmctld checks end times on a timer: up to ~30 s later), with
+# SIGTERM to every process and SIGKILL KillWait after it. The batch script itself is
+# not signalled at the start of the grace time: a worker that must hear the warning
+# runs in a job step (srun).
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=5 PreemptMode=OFF
 PartitionName=scavenger Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=$PREEMPT_MODE
+PartitionName=grace Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=CANCEL GraceTime=$GRACE_TIME
 PartitionName=high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
 

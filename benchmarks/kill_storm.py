@@ -1,7 +1,7 @@
 """Kill storm: SIGKILL a random worker process every few seconds while context tasks run.
 
-    python benchmarks/kill_storm.py                  # 3 workers, 2000 tasks, a kill every 1.5 s for 60 s
-    python benchmarks/kill_storm.py --tasks 300 --duration 8 --json
+    python -m benchmarks.kill_storm                  # 3 workers, 2000 tasks, a kill every 1.5 s for 60 s
+    python -m benchmarks.kill_storm --tasks 300 --duration 8 --json
 
 The LocalCluster's nannies restart each killed worker (a new process, cold). The run
 checks what the router promises under preemption: every result comes back exactly

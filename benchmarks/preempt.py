@@ -10,6 +10,7 @@ an arm that runs longer is preempted more often, as on opportunistic resources).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -21,6 +22,9 @@ from typing import Any
 from distributed import Client
 
 logger = logging.getLogger(__name__)
+
+# seconds a worker has been connected before it may be killed
+SETTLED = 2.0
 
 
 class Preemptor:
@@ -65,10 +69,13 @@ class Preemptor:
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._first = threading.Event()
+        self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="preemptor", daemon=True)
 
     def __enter__(self) -> Preemptor:
+        # the workers there are now have been up long enough
+        self._seen = dict.fromkeys(self.client.scheduler_info()["workers"], -math.inf)
         self._thread.start()
         return self
 
@@ -85,8 +92,8 @@ class Preemptor:
         """
         with self._lock:  # the collector and the thread may both try
             if not self._first.is_set() and self.first_fraction <= self.progress() < 1.0:
-                self._kill()
-                self._first.set()
+                if self._kill():
+                    self._first.set()
 
     def _loop(self) -> None:
         # after the first kill (made by the collector, or here if no result comes),
@@ -98,17 +105,26 @@ class Preemptor:
         while not self._stop.wait(self.interval) and self.progress() < 1.0:
             self._kill()
 
-    def _kill(self) -> None:
+    def _kill(self) -> bool:
         try:
-            self._kill_one()
+            return self._kill_one()
         except Exception:  # a kill racing a restart must not end the benchmark
             logger.exception("Preemption failed")
+            return False
 
-    def _kill_one(self) -> None:
+    def _kill_one(self) -> bool:
         pids: dict[str, int] = self.client.run(os.getpid, on_error="ignore")
-        if not pids:
-            return
-        worker = self._rng.choice(sorted(pids))
+        now = time.monotonic()
+        for address in pids:
+            self._seen.setdefault(address, now)
+        # only workers up for a while: a LocalCluster nanny does not restart a worker
+        # killed while the nanny is still starting it, and would leave the cluster a
+        # worker short for good (a batch system starts a new job instead)
+        up = sorted(a for a in pids if now - self._seen[a] >= SETTLED)
+        if not up:
+            return False
+        worker = self._rng.choice(up)
         os.kill(pids[worker], signal.SIGKILL)
         self.kills.append({"time": time.time(), "worker": worker, "pid": pids[worker]})
         logger.info("Preempted %s (pid %d)", worker, pids[worker])
+        return True

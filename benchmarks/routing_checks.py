@@ -1,7 +1,7 @@
 """Routing checks on real LocalClusters with generated transformers models.
 
-    python benchmarks/routing_checks.py            # every check, a table per check
-    python benchmarks/routing_checks.py --json
+    python -m benchmarks.routing_checks            # every check, a table per check
+    python -m benchmarks.routing_checks --json
 
 Three models under a budget of one model per worker, 2 process workers, 30 batches
 of 2 claims per model, all submitted at once, marked five ways: ``client.map``

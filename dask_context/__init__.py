@@ -18,6 +18,7 @@ from dask_context.errors import (
     NotRegisteredError,
     UnknownContextError,
 )
+from dask_context.preemption import drain, request_drain
 from dask_context.scheduler import ContextRouter
 from dask_context.spec import ContextSpec
 from dask_context.worker import ContextPlugin, get_context
@@ -43,9 +44,11 @@ __all__ = [
     "UnknownContextError",
     "dask_setup",
     "delayed",
+    "drain",
     "get_context",
     "register",
     "report",
+    "request_drain",
     "unregister",
     "use",
 ]

@@ -269,6 +269,45 @@ def assigned_contexts(worker: Worker) -> set[str]:
     return out
 
 
+#: worker task states of tasks the worker was sent and has not started
+NOT_STARTED = frozenset({"waiting", "ready", "constrained"})
+
+
+def stop_starting_tasks(worker: Worker) -> None:
+    """Make ``worker`` start no more tasks, and tell the scheduler to send it none.
+
+    ``closing_gracefully`` (the status ``Scheduler.retire_workers`` gives) pauses
+    the worker's state machine: running tasks go on, ready ones wait. Unlike
+    ``paused``, the memory monitor never resumes a worker from it.
+    """
+    from distributed.core import Status
+
+    if worker.status in (Status.running, Status.paused):
+        worker.status = Status.closing_gracefully
+
+
+def not_started_keys(worker: Worker) -> list[Hashable]:
+    """Keys of the tasks ``worker`` was sent and has not started."""
+    return [ts.key for ts in list(worker.state.tasks.values()) if ts.state in NOT_STARTED]
+
+
+def give_back(worker: Worker, keys: Iterable[Hashable], stimulus_id: str) -> None:
+    """Hand tasks the worker has not started back to the scheduler.
+
+    The scheduler's ``reschedule`` stream handler releases each one still
+    processing on this worker (it then asks the worker to forget it) and places it
+    again: a routed context task comes back to the router's queue. The worker must
+    not start them meanwhile (:func:`stop_starting_tasks`).
+    """
+    for key in keys:
+        worker.batched_send({"op": "reschedule", "key": key, "stimulus_id": stimulus_id})
+
+
+def in_dask_worker_cli() -> bool:
+    """Whether this process is a ``dask worker`` (the CLI), not a user's program."""
+    return "distributed.cli.dask_worker" in sys.modules
+
+
 def batch_job() -> str | None:
     """The batch job this process runs in: its workers scale in together."""
     import os

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
+from inspect import isawaitable
+from typing import Any
 
 from distributed.deploy import Adaptive
 from distributed.protocol import pickle
@@ -46,15 +48,42 @@ class ContextAdaptive(Adaptive):
         super().__init__(*args, **kwargs)
         self.startup_time = config.get_seconds("adaptive.startup-time", startup_time)
         self._asked: tuple[float, int] | None = None
+        # names of workers that drained (dask_context.preemption), while they are
+        # still in the cluster's plan
+        self._leaving: set[Any] = set()
 
     async def target(self) -> int:
         """Workers wanted, from the scheduler plugin (the default before it exists)."""
         self._measure_startup()
         if not await router_present(self.scheduler):  # not registered yet on this cluster
             return await super().target()
+        drained = await self.scheduler.dask_context_drained()
+        await self._forget_drained([*drained["draining"], *drained["left"]])
         return await self.scheduler.dask_context_target(
             target_duration=self.target_duration, startup=self.startup_time
         )
+
+    async def safe_target(self) -> int:
+        """The target within ``minimum`` and ``maximum``, plus the drained workers
+        still in the cluster's plan: their replacements are asked for at once."""
+        return await super().safe_target() + len(self._leaving)
+
+    async def _forget_drained(self, names: list[Any]) -> None:
+        """Take drained workers out of the plan once the cluster has dropped their job.
+
+        The cluster drops a departed worker's job ``lost-worker-timeout`` after it
+        left, and would then start it again, as for a lost worker. Taking it out of
+        the plan earlier would not do: a new worker could get its name, and the
+        cluster would close that one in its place.
+        """
+        self._leaving = (self._leaving | set(names)) & self.plan
+        gone = [name for name in self._leaving if name not in self.requested]
+        if gone:
+            logger.info("Workers %s drained and left; not starting them again", gone)
+            self._leaving.difference_update(gone)
+            f = self.cluster.scale_down(gone)
+            if isawaitable(f):
+                await f
 
     async def workers_to_close(self, target: int) -> list[str]:
         """Workers to retire, as ``Adaptive`` chooses them, with whole ``worker_key``

@@ -14,7 +14,7 @@ import dask
 from dask.utils import format_bytes, format_time
 from distributed import Client
 
-from dask_context import graph
+from dask_context import config, graph, preemption
 from dask_context.errors import UnknownContextError
 from dask_context.scheduler import WARNINGS, ContextRouter
 from dask_context.spec import ContextSpec, check_unique
@@ -77,6 +77,11 @@ async def _register(client: Client, specs: tuple[ContextSpec, ...], replace: boo
         # an unchanged spec keeps its worker plugin (and the warm copies); registering
         # it idempotently still installs it if the client that added it went away
         await client.register_plugin(ContextPlugin(spec, idempotent=status[spec.name] == "unchanged"))
+    if config.get("preemption.enabled") and not await client.scheduler.get_metadata(
+        keys=preemption.METADATA, default=None
+    ):
+        await preemption.enable_async(client, config.get_seconds("preemption.grace"),
+                                 tuple(config.get("preemption.signals")))
     show_warnings(client)
     return status
 

@@ -42,11 +42,10 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from dask.utils import parse_timedelta
 from distributed import NannyPlugin, WorkerPlugin, get_worker
 from distributed.core import Status
 
-from dask_context import _compat
+from dask_context import _compat, config
 from dask_context.cache import plain_key
 from dask_context.errors import NotRegisteredError
 from dask_context.worker import router_present
@@ -64,10 +63,6 @@ DRAIN_HANDLER = "dask_context_request_drain"
 TOPIC = "dask-context-preemption"
 #: scheduler metadata holding the settings while draining is enabled
 METADATA = ["dask-context", "preemption"]
-#: seconds from the warning to the kill when nothing else is known: at most SLURM's
-#: default KillWait (30 s) and Kubernetes' default grace period (30 s)
-DEFAULT_GRACE = "10s"
-DEFAULT_SIGNALS = ("SIGTERM",)
 # how often a draining worker looks at its running tasks and newly arrived ones
 POLL = 0.05
 # the nanny closes its worker the hard way this long after the grace, if it is still up
@@ -88,42 +83,6 @@ def _signum(sig: str | int) -> signal.Signals:
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-# ---------------------------------------------------------------- distributed internals
-# To move to dask_context._compat. They read and drive a worker's task states and
-# talk the scheduler's worker-stream protocol, none of which is public API.
-
-#: worker task states of tasks the worker was sent and has not started
-NOT_STARTED = frozenset({"waiting", "ready", "constrained"})
-
-
-def stop_starting_tasks(worker: Worker) -> None:
-    """Make ``worker`` start no more tasks, and tell the scheduler to send it none.
-
-    ``closing_gracefully`` (the status ``Scheduler.retire_workers`` gives) pauses
-    the worker's state machine: running tasks go on, ready ones wait. Unlike
-    ``paused``, the memory monitor never resumes a worker from it.
-    """
-    if worker.status in (Status.running, Status.paused):
-        worker.status = Status.closing_gracefully
-
-
-def not_started_keys(worker: Worker) -> list[Hashable]:
-    """Keys of the tasks ``worker`` was sent and has not started."""
-    return [ts.key for ts in list(worker.state.tasks.values()) if ts.state in NOT_STARTED]
-
-
-def give_back(worker: Worker, keys: Iterable[Hashable], stimulus_id: str) -> None:
-    """Hand tasks the worker has not started back to the scheduler.
-
-    The scheduler's ``reschedule`` stream handler releases each one still
-    processing on this worker (it then asks the worker to forget it) and places it
-    again: a routed context task comes back to the router's queue. The worker must
-    not start them meanwhile (:func:`stop_starting_tasks`).
-    """
-    for key in keys:
-        worker.batched_send({"op": "reschedule", "key": key, "stimulus_id": stimulus_id})
 
 
 # ---------------------------------------------------------------- signals
@@ -201,9 +160,9 @@ class PreemptionPlugin(WorkerPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, grace: float | str = DEFAULT_GRACE, signals: Iterable[str | int] = DEFAULT_SIGNALS):
-        self.grace = parse_timedelta(grace)
-        self.signals = tuple(_signum(s) for s in signals)
+    def __init__(self, grace: float | str | None = None, signals: Iterable[str | int] | None = None):
+        self.grace = config.get_seconds("preemption.grace", grace)
+        self.signals = tuple(_signum(s) for s in config.get("preemption.signals", signals))
         self.worker: Worker | None = None
         self._drain: asyncio.Future[dict[str, Any]] | None = None
 
@@ -239,7 +198,7 @@ class PreemptionPlugin(WorkerPlugin):
         any thread).
         """
         if self._drain is None:
-            seconds = self.grace if grace is None else parse_timedelta(grace)
+            seconds = self.grace if grace is None else config.get_seconds("preemption.grace", grace)
             self._drain = asyncio.ensure_future(self.drain(reason, seconds))
         else:
             logger.info("Worker %s is already draining; ignoring %s", self.worker.address, reason)
@@ -276,7 +235,7 @@ class PreemptionPlugin(WorkerPlugin):
         worker = self.worker
         began, signalled = time.monotonic(), time.time()
         deadline = began + grace
-        stop_starting_tasks(worker)
+        _compat.stop_starting_tasks(worker)
         held = await self._tell_router()
         given_back = self._give_back()
         worker.log_event(
@@ -319,9 +278,9 @@ class PreemptionPlugin(WorkerPlugin):
         return await worker.scheduler.dask_context_drain(worker=worker.address)
 
     def _give_back(self) -> list[Hashable]:
-        keys = not_started_keys(self.worker)
+        keys = _compat.not_started_keys(self.worker)
         if keys:
-            give_back(self.worker, keys, f"dask-context-drain-{time.time()}")
+            _compat.give_back(self.worker, keys, f"dask-context-drain-{time.time()}")
         return keys
 
     async def _retire(self, remove: bool, deadline: float) -> bool:
@@ -346,7 +305,7 @@ class PreemptionPlugin(WorkerPlugin):
             logger.warning("Worker %s: moving its results took longer than the grace left", worker.address)
             return False
         # an aborted retirement gives the worker its previous status back
-        stop_starting_tasks(worker)
+        _compat.stop_starting_tasks(worker)
         return worker.address in retired
 
 
@@ -367,15 +326,19 @@ class NannyPreemptionPlugin(NannyPlugin):
 
     name = PLUGIN_NAME
 
-    def __init__(self, grace: float | str = DEFAULT_GRACE, signals: Iterable[str | int] = DEFAULT_SIGNALS):
-        self.grace = parse_timedelta(grace)
-        self.signals = tuple(_signum(s) for s in signals)
+    def __init__(self, grace: float | str | None = None, signals: Iterable[str | int] | None = None):
+        self.grace = config.get_seconds("preemption.grace", grace)
+        self.signals = tuple(_signum(s) for s in config.get("preemption.signals", signals))
         self.nanny: Nanny | None = None
         self._fallback: asyncio.TimerHandle | None = None
         self._closing: asyncio.Future[Any] | None = None
 
     def setup(self, nanny: Nanny) -> None:
         self.nanny = nanny
+        if not _compat.in_dask_worker_cli():
+            # a nanny inside a user's program (a LocalCluster's): the program's
+            # signals are its own; the worker processes still drain on theirs
+            return
         if not _HUB.add(self, self.signals, self._signalled):
             logger.debug("Nanny %s runs outside the main thread: no signal handler", nanny.address)
 
@@ -412,10 +375,12 @@ class NannyPreemptionPlugin(NannyPlugin):
 
 
 # ---------------------------------------------------------------- user API
-def enable(client: Client, grace: float | str = DEFAULT_GRACE, signals: Iterable[str | int] = DEFAULT_SIGNALS) -> Any:
+def enable(client: Client, grace: float | str | None = None, signals: Iterable[str | int] | None = None) -> Any:
     """Drain workers (and their nannies) of this cluster on ``signals``, now and later.
 
-    Registering again replaces the settings. The scheduler's metadata
+    :func:`dask_context.register` does this (with the ``dask-context.preemption``
+    settings) unless ``dask-context.preemption.enabled`` is false or it was enabled
+    already. Enabling again replaces the settings. The scheduler's metadata
     :data:`METADATA` holds them (``client.get_metadata(METADATA)``).
 
     Parameters
@@ -423,12 +388,15 @@ def enable(client: Client, grace: float | str = DEFAULT_GRACE, signals: Iterable
     client
         A client of the cluster (an asynchronous one returns an awaitable).
     grace, signals
-        As for :class:`PreemptionPlugin`.
+        As for :class:`PreemptionPlugin` (default: the ``dask-context.preemption``
+        settings).
     """
-    return client.sync(_enable, client, parse_timedelta(grace), tuple(signals))
+    grace = config.get_seconds("preemption.grace", grace)
+    return client.sync(enable_async, client, grace, tuple(config.get("preemption.signals", signals)))
 
 
-async def _enable(client: Client, grace: float, signals: tuple[str | int, ...]) -> None:
+async def enable_async(client: Client, grace: float, signals: tuple[str | int, ...]) -> None:
+    """:func:`enable` from a coroutine (``grace`` in seconds)."""
     await client.register_plugin(PreemptionPlugin(grace, signals))
     await client.register_plugin(NannyPreemptionPlugin(grace, signals))
     await client.scheduler.set_metadata(

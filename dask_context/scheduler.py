@@ -149,6 +149,10 @@ class ContextRouter(SchedulerPlugin):
         self._unregistered: set[str] = set()
         # announcements of workers that have not registered yet (preloads)
         self._announced: dict[str, dict[str, Any]] = {}
+        # draining workers (address -> name), and the names of those that drained and
+        # left since ContextAdaptive last asked (dask_context.preemption)
+        self._draining: dict[str, Any] = {}
+        self._drained_left: list[Any] = []
         self._background: set[asyncio.Task] = set()
         self._wake_pending = False
         self._replan_wanted = True
@@ -190,6 +194,7 @@ class ContextRouter(SchedulerPlugin):
                 "dask_context_file_peers": self.file_peers,
                 "dask_context_file_source": self.file_source,
                 "dask_context_drain": self.drain,
+                "dask_context_drained": self.drained,
             }
         )
         pc = PeriodicCallback(self._periodic, self.interval * 1000)
@@ -388,10 +393,23 @@ class ContextRouter(SchedulerPlugin):
         if w is None:
             return []
         w.draining = True
+        ws = self.scheduler.workers.get(worker)
+        if ws is not None:
+            self._draining[worker] = ws.name
         for ctx in self.state.contexts.values():
             ctx.allowed.discard(worker)
         self._wake(replan=True)
         return [k for keys in w.tasks.values() for k in keys]
+
+    def drained(self) -> dict[str, list[Any]]:
+        """Scheduler handler: names of the workers draining (``draining``), and of
+        those that drained and left since the last call (``left``).
+
+        :class:`~dask_context.ContextAdaptive` asks for their replacements at once,
+        and takes those that left out of the cluster's plan.
+        """
+        left, self._drained_left = self._drained_left, []
+        return {"draining": list(self._draining.values()), "left": left}
 
     def report(self) -> dict[str, Any]:
         """Scheduler handler: plain-data summary of every context and worker."""
@@ -681,6 +699,8 @@ class ContextRouter(SchedulerPlugin):
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self._announced.pop(worker, None)
+        if worker in self._draining:
+            self._drained_left.append(self._draining.pop(worker))
         try:
             self.state.remove_worker(worker)
         except Exception:
@@ -997,6 +1017,9 @@ class ContextRouter(SchedulerPlugin):
 
     def _downscaling(self, workers: list[WorkerState]) -> list[WorkerState]:
         st = self.state
+        # a draining worker leaves by itself, within its grace; closing it (scancel)
+        # would cut the grace short
+        workers = [ws for ws in workers if ws.address not in self._draining]
         if not any(w.resident for w in st.workers.values()):
             return workers
         now = time.monotonic()
@@ -1044,8 +1067,12 @@ class ContextRouter(SchedulerPlugin):
         )
         if _compat.non_context_ready(s, ours) > 0:
             wanted = max(wanted, s.adaptive_target(target_duration))
-        if wanted < len(s.workers):
+        # draining workers do not count: they leave by themselves, and
+        # ContextAdaptive adds them on top so that their replacements come now
+        staying = [a for a in s.workers if a not in self._draining]
+        if wanted < len(staying):
             # like the scheduler's own target: keep workers holding results that
             # clients still want (and, through our downscaling filter, warm ones)
-            wanted = max(wanted, len(s.workers) - len(s.workers_to_close()))
+            closable = set(s.workers_to_close())
+            wanted = max(wanted, sum(a not in closable for a in staying))
         return wanted
