@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 
 import dask_context as dc
@@ -43,8 +44,12 @@ def run(tasks: int = 2000, workers: int = 3, interval: float = 1.5, duration: fl
     claims = make_claims(tasks, seed=3)
     # spread the work over the storm: each task takes its share of `duration`
     seconds = duration * workers / tasks
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    # each nanny restarts its killed worker; a LocalCluster would also close a nanny
+    # whose worker name stays off the scheduler for lost-worker-timeout (meant for
+    # batch jobs), which a storm of kills makes likely
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}), LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
         dc.register(client, dc.ContextSpec("verifier", load_causal_lm, args=[path]))
         start = time.perf_counter()
         with dc.use("verifier"):

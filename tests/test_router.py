@@ -404,3 +404,23 @@ async def test_scale_in_keeps_groups_whole_and_never_drops_busy_workers(c, s, *w
     assert cold.address in s.workers_to_close(n=3)
     await ev.set()
     await busy
+
+
+# ---------------------------------------------------------------- registration by several clients
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
+async def test_two_clients_registering_the_same_spec_at_once(c, s, a, b):
+    from distributed import Client
+
+    async with Client(s.address, asynchronous=True) as c2:
+        statuses = await asyncio.gather(dc.register(c, spec("A", seconds=0.2)),
+                                        dc.register(c2, spec("A", seconds=0.2)))
+        assert sorted(st["A"] for st in statuses) == ["added", "unchanged"]
+        with dc.use("A"):
+            assert len(await c2.gather(c2.map(where, range(6), name="A"))) == 6
+        loads = (await report(c))["contexts"]["A"]["loads"]
+        # a later run of the same script registers again: nothing reloads
+        assert await dc.register(c2, spec("A", seconds=0.2)) == {"A": "unchanged"}
+        with dc.use("A"):
+            await c.gather(c.map(where, range(6, 12), name="A"))
+        assert (await report(c))["contexts"]["A"]["loads"] == loads
+        assert len([p for p in s.worker_plugins if p == "dask-context-A"]) == 1
