@@ -43,21 +43,18 @@ from typing import TYPE_CHECKING, Any
 import dask.config
 from dask.utils import parse_timedelta
 from distributed import SchedulerPlugin
-from distributed.protocol import pickle
 from tornado.ioloop import PeriodicCallback
 
 from dask_context import _compat, config, dashboard
+from dask_context.adaptive import Scaling
 from dask_context.errors import DuplicateContextError, UnknownContextError, error_payload
 from dask_context.metrics import register_collector, unregister_collector
 from dask_context.policy import (
     ContextView,
     Resident,
-    RetireView,
     WorkerView,
-    hold_back,
     load_failed_everywhere,
     plan_routes,
-    workers_wanted,
 )
 from dask_context.spec import ContextSpec, differences, from_config
 from dask_context.state import ContextRecord, RoutedTask, RouterState, WorkerRecord, observe
@@ -142,17 +139,12 @@ class ContextRouter(SchedulerPlugin):
         self.learned: dict[str, str | None] = {}
         self._settings_by_nanny: dict[str, dict[str, Any]] = {}
         self._cluster_settings: dict[str, Any] = {}
-        self._grouping: Any = None
         self._warned: set[str] = set()
         # contexts unregistered here: workers still tearing them down must not
         # bring them back by announcing what they hold
         self._unregistered: set[str] = set()
         # announcements of workers that have not registered yet (preloads)
         self._announced: dict[str, dict[str, Any]] = {}
-        # draining workers (address -> name), and the names of those that drained and
-        # left since ContextAdaptive last asked (dask_context.preemption)
-        self._draining: dict[str, Any] = {}
-        self._drained_left: list[Any] = []
         self._background: set[asyncio.Task] = set()
         self._wake_pending = False
         self._replan_wanted = True
@@ -163,8 +155,7 @@ class ContextRouter(SchedulerPlugin):
         self.default_load_time = config.get_seconds("scheduler.default-load-time")
         self.failed_limit = int(config.get("scheduler.failed-load-workers"))
         self.retry = config.get_seconds("worker.failed-load-retry")
-        self.keep_warm = config.get_seconds("adaptive.keep-warm")
-        self.startup_time = config.get_seconds("adaptive.startup-time")
+        self.scaling = Scaling(self)
         self.unknown_duration = parse_timedelta(
             dask.config.get("distributed.scheduler.unknown-task-duration")
         )
@@ -187,14 +178,14 @@ class ContextRouter(SchedulerPlugin):
                 "dask_context_register": self.register,
                 "dask_context_unregister": self.unregister,
                 "dask_context_report": self.report,
-                "dask_context_target": self.adaptive_target,
+                "dask_context_target": self.scaling.target,
                 "dask_context_settings": self.worker_settings,
                 "dask_context_worker": self.worker_joined,
-                "dask_context_workers_to_close": self.workers_to_close,
+                "dask_context_workers_to_close": self.scaling.workers_to_close,
                 "dask_context_file_peers": self.file_peers,
                 "dask_context_file_source": self.file_source,
-                "dask_context_drain": self.drain,
-                "dask_context_drained": self.drained,
+                "dask_context_drain": self.scaling.drain,
+                "dask_context_drained": self.scaling.drained,
             }
         )
         pc = PeriodicCallback(self._periodic, self.interval * 1000)
@@ -260,7 +251,7 @@ class ContextRouter(SchedulerPlugin):
             if status[info["name"]] in ("added", "replaced"):
                 self._forget_learned(info["name"])
                 self.state.add_context(info)
-        self._wake(replan=True)
+        self.wake(replan=True)
         return status
 
     def unregister(self, names: list[str]) -> list[str]:
@@ -288,7 +279,7 @@ class ContextRouter(SchedulerPlugin):
             self._unregistered.add(name)
             error = UnknownContextError(name, list(self.state.contexts))
             _compat.fail(self.scheduler, waiting, error_payload(error), stimulus_id)
-        self._wake(replan=True)
+        self.wake(replan=True)
         return sorted(self.state.contexts)
 
     def worker_settings(self, worker: str, nanny: str | None, settings: dict[str, Any]) -> dict[str, Any]:
@@ -342,7 +333,7 @@ class ContextRouter(SchedulerPlugin):
         w.loading = {c for c in loading if c in self.state.contexts}
         for c in w.loading:
             self.state.contexts[c].allowed.add(worker)
-        self._wake(replan=True)
+        self.wake(replan=True)
 
     def _show_page(self) -> None:
         """Serve the dashboard's Contexts page once dask-context is in use here (a
@@ -383,33 +374,6 @@ class ContextRouter(SchedulerPlugin):
             ctx.reader = worker
             return True
         return False
-
-    def drain(self, worker: str) -> list[Hashable]:
-        """Scheduler handler: ``worker`` will be preempted; it takes no new context tasks.
-
-        Returns the keys of the context tasks it has been sent and not finished.
-        """
-        w = self.state.workers.get(worker)
-        if w is None:
-            return []
-        w.draining = True
-        ws = self.scheduler.workers.get(worker)
-        if ws is not None:
-            self._draining[worker] = ws.name
-        for ctx in self.state.contexts.values():
-            ctx.allowed.discard(worker)
-        self._wake(replan=True)
-        return [k for keys in w.tasks.values() for k in keys]
-
-    def drained(self) -> dict[str, list[Any]]:
-        """Scheduler handler: names of the workers draining (``draining``), and of
-        those that drained and left since the last call (``left``).
-
-        :class:`~dask_context.ContextAdaptive` asks for their replacements at once,
-        and takes those that left out of the cluster's plan.
-        """
-        left, self._drained_left = self._drained_left, []
-        return {"draining": list(self._draining.values()), "left": left}
 
     def report(self) -> dict[str, Any]:
         """Scheduler handler: plain-data summary of every context and worker."""
@@ -530,7 +494,7 @@ class ContextRouter(SchedulerPlugin):
             w = st.left_worker(task)
             if finish == "memory":
                 self._finished(task, w, kwargs.get("startstops"))
-            self._wake()
+            self.wake()
         elif start == "no-worker":
             st.dequeue(task)
         if finish == "no-worker":
@@ -538,7 +502,7 @@ class ContextRouter(SchedulerPlugin):
             _compat.park(ts)  # a placement that did not happen leaves {address}
             st.enqueue(task)
             # a context nobody serves yet needs a plan now, not at the next tick
-            self._wake(replan=not st.contexts[task.context].allowed)
+            self.wake(replan=not st.contexts[task.context].allowed)
         elif finish == "processing":
             ws = self.scheduler.tasks[task.key].processing_on
             if ws is not None:
@@ -594,7 +558,7 @@ class ContextRouter(SchedulerPlugin):
             self._unlearn(msg["group"], name)
         ctx = st.contexts.get(name)
         if ctx is None:
-            self._wake(replan=True)
+            self.wake(replan=True)
             return
         if action == "loading":
             w.loading.add(name)
@@ -639,7 +603,7 @@ class ContextRouter(SchedulerPlugin):
                 "Loading context %r failed on %s (%s); its tasks go to other workers",
                 name, w.address, msg.get("error"),
             )
-        self._wake(replan=True)
+        self.wake(replan=True)
 
     def _specs(self, w: WorkerRecord, specs: dict[str, dict[str, Any]]) -> None:
         """The specs set up on a worker; a context registered by hand (its worker
@@ -695,20 +659,19 @@ class ContextRouter(SchedulerPlugin):
         announced = self._announced.pop(worker, None)
         if announced is not None:
             self.worker_joined(worker, **announced)
-        self._wake(replan=True)
+        self.wake(replan=True)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         self._announced.pop(worker, None)
-        if worker in self._draining:
-            self._drained_left.append(self._draining.pop(worker))
+        self.scaling.worker_left(worker)
         try:
             self.state.remove_worker(worker)
         except Exception:
             self._fail_safe("remove_worker", self._all_waiting())
-        self._wake(replan=True)
+        self.wake(replan=True)
 
     # ------------------------------------------------------------ routing
-    def _wake(self, replan: bool = False) -> None:
+    def wake(self, replan: bool = False) -> None:
         """Feed workers (and re-plan first, if asked) once the current handler ends."""
         self._replan_wanted |= replan
         if not self._wake_pending:
@@ -737,7 +700,7 @@ class ContextRouter(SchedulerPlugin):
         except Exception:
             self._fail_safe("routing", self._all_waiting())
 
-    def _views(self, routing: bool = True) -> tuple[dict[str, ContextView], dict[str, WorkerView]]:
+    def views(self, routing: bool = True) -> tuple[dict[str, ContextView], dict[str, WorkerView]]:
         """Plain-data views for the policies.
 
         ``routing`` discounts unmeasured task durations while a measurement is due
@@ -810,7 +773,7 @@ class ContextRouter(SchedulerPlugin):
     def _replan(self) -> None:
         st = self.state
         self._drop_stale_choices()
-        contexts, workers = self._views()
+        contexts, workers = self.views()
         plan = plan_routes(contexts, workers, settle=self.interval)
         now = time.monotonic()
         for name, added in plan.add.items():
@@ -881,7 +844,7 @@ class ContextRouter(SchedulerPlugin):
                 for name in [c for c in w.chosen if not w.holds(c)]:
                     w.unchoose(name)
                     self.state.contexts[name].allowed.discard(address)
-        self._wake(replan=True)
+        self.wake(replan=True)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -999,80 +962,5 @@ class ContextRouter(SchedulerPlugin):
 
     # ------------------------------------------------------------ adaptive
     def valid_workers_downscaling(self, scheduler: Scheduler, workers: list[WorkerState]) -> list[WorkerState]:
-        """Keep warm workers worth keeping out of scale-in, with their whole group.
-
-        Any scale-in that goes through ``Scheduler.workers_to_close`` (``Adaptive``,
-        dask-jobqueue's ``adapt``, ``retire_workers(n=...)``) asks this. It holds
-        back only workers warm for a context that has work, or warm and used less
-        than ``dask-context.adaptive.keep-warm`` ago, and with each of them every
-        worker of its group (its batch job, or the ``key=`` groups of
-        :class:`~dask_context.ContextAdaptive`). Busy and cold workers are left to
-        Dask's own rules.
-        """
-        try:
-            return self._downscaling(workers)
-        except Exception:
-            logger.error("dask-context scale-in filter failed; Dask decides alone", exc_info=True)
-            return workers
-
-    def _downscaling(self, workers: list[WorkerState]) -> list[WorkerState]:
-        st = self.state
-        # a draining worker leaves by itself, within its grace; closing it (scancel)
-        # would cut the grace short
-        workers = [ws for ws in workers if ws.address not in self._draining]
-        if not any(w.resident for w in st.workers.values()):
-            return workers
-        now = time.monotonic()
-        views = {}
-        for address, ws in self.scheduler.workers.items():
-            w = st.workers.get(address)
-            if w is None:
-                continue
-            group = self._grouping(ws) if self._grouping is not None else w.job
-            idle_for = 0.0 if w.tasks else max(0.0, now - w.idle_since)
-            views[address] = RetireView(warm=frozenset(w.resident), idle_for=idle_for, group=group)
-        wanted = {c for c, ctx in st.contexts.items() if ctx.waiting} | {
-            c for w in st.workers.values() for c in w.tasks
-        }
-        held = hold_back(views, wanted, self.keep_warm)
-        return [ws for ws in workers if ws.address not in held]
-
-    def workers_to_close(self, key: bytes | None = None, **kwargs: Any) -> list[str]:
-        """Scheduler handler: ``Scheduler.workers_to_close`` with groups known here.
-
-        :class:`~dask_context.ContextAdaptive` calls this instead of the scheduler's
-        own handler so that the scale-in filter holds back whole ``key=`` groups.
-        """
-        self._grouping = pickle.loads(key) if key else None
-        try:
-            return self.scheduler.workers_to_close(key=self._grouping, **kwargs)
-        finally:
-            self._grouping = None
-
-    def adaptive_target(self, target_duration: float | str | None = None, startup: float | None = None) -> int:
-        """Scheduler handler: workers wanted, counting load (and start-up) time.
-
-        Context work asks for :func:`dask_context.policy.workers_wanted`; other work
-        for what the scheduler's own ``adaptive_target`` says.
-        """
-        s = self.scheduler
-        if target_duration is None:
-            target_duration = dask.config.get("distributed.adaptive.target-duration")
-        target_duration = parse_timedelta(target_duration)
-        contexts, _ = self._views(routing=False)
-        startup = self.startup_time if startup is None else startup
-        wanted = workers_wanted(contexts, startup, target_duration)
-        ours = sum(v.queued for v in contexts.values()) + sum(
-            w.inflight() for w in self.state.workers.values()
-        )
-        if _compat.non_context_ready(s, ours) > 0:
-            wanted = max(wanted, s.adaptive_target(target_duration))
-        # draining workers do not count: they leave by themselves, and
-        # ContextAdaptive adds them on top so that their replacements come now
-        staying = [a for a in s.workers if a not in self._draining]
-        if wanted < len(staying):
-            # like the scheduler's own target: keep workers holding results that
-            # clients still want (and, through our downscaling filter, warm ones)
-            closable = set(s.workers_to_close())
-            wanted = max(wanted, sum(a not in closable for a in staying))
-        return wanted
+        """Keep warm workers worth keeping out of scale-in (see :class:`~dask_context.adaptive.Scaling`)."""
+        return self.scaling.valid_workers_downscaling(workers)
