@@ -304,8 +304,15 @@ def give_back(worker: Worker, keys: Iterable[Hashable], stimulus_id: str) -> Non
 
 
 def in_dask_worker_cli() -> bool:
-    """Whether this process is a ``dask worker`` (the CLI), not a user's program."""
-    return "distributed.cli.dask_worker" in sys.modules
+    """Whether this process is a ``dask worker`` (the CLI), not a user's program.
+
+    ``dask worker`` imports the CLI module; ``python -m distributed.cli.dask_worker``
+    (how dask-jobqueue starts workers) runs it as ``__main__``.
+    """
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "distributed.cli.dask_worker" in sys.modules or (
+        main is not None and main.name == "distributed.cli.dask_worker"
+    )
 
 
 def batch_job() -> str | None:

@@ -16,9 +16,13 @@ from typing import Any
 
 import pytest
 
+from dask_context import config
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
+THREADS = 1  # per worker process
 DASK_ARMS = {"load-per-task", "dask-context", "global-cache"}
+WARNED = "dask-context warned+peers"
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +56,27 @@ def test_every_scenario_and_arm_ran(quick):
     _, results = quick
     for scenario in ("single", "preempt", "multi"):
         rows = rows_of(results, scenario)
-        assert {arm for _, arm in rows} == DASK_ARMS, scenario
+        arms = DASK_ARMS | {WARNED} if scenario == "preempt" else DASK_ARMS
+        assert {arm for _, arm in rows} == arms, scenario
         for row in rows.values():
             assert row["status"] == "ok", row
             assert row["wall"] > 0 and row["limit"] > 0 and row["x_limit"] > 0
+            # every claim's verdict came back exactly once (the runner checks each batch)
+            assert row["results"] == row["items"], row
     assert not any(r["arm"] == "ray-data" for r in results["rows"])
 
 
 def test_loads_are_counted_sanely(quick):
     _, results = quick
     for row in results["rows"]:
-        models, kills = row["models"], row["kills"]
+        models, kills = row["models"], row["kills"] + row["warnings"]
         if row["arm"] == "load-per-task":
             # every task loads; a killed worker's tasks load again
             assert row["loads"] >= row["tasks"]
             assert row["reduction"] == pytest.approx(0.0)
             if not kills:
                 assert row["loads"] == row["tasks"]
-        elif row["arm"] == "dask-context":
+        elif row["arm"] in ("dask-context", WARNED):
             assert models <= row["loads"] <= WORKERS * models + kills, row
             router = next(iter(row["extra"]["router"].values()))
             assert router["tasks"] >= row["tasks"] // models
@@ -78,8 +85,16 @@ def test_loads_are_counted_sanely(quick):
 
 def test_scenarios_do_what_they_say(quick):
     _, results = quick
-    assert all(r["kills"] >= 1 for r in rows_of(results, "preempt").values())
-    assert all(r["kills"] == 0 for r in results["rows"] if r["scenario"] != "preempt")
+    for (_, arm), row in rows_of(results, "preempt").items():
+        if arm == WARNED:
+            assert row["warnings"] >= 1, row
+        else:
+            assert row["kills"] >= 1 and row["warnings"] == 0, row
+            # only what the killed worker was running starts again
+            assert row["reruns"] <= row["kills"] * THREADS, row
+    for row in results["rows"]:
+        if row["scenario"] != "preempt":
+            assert row["kills"] == row["warnings"] == row["reruns"] == 0, row
     multi = rows_of(results, "multi")
     assert all(r["models"] == 3 for r in multi.values())
     for row in multi.values():
@@ -102,7 +117,28 @@ def test_coldstart_reads_the_shared_storage_once_with_peers(quick):
     assert peer["origins"] == ["files"] + ["peer"] * (n - 1)
 
 
-@pytest.mark.parametrize("module", ["loading", "calibrate", "plan", "timeline", "coldstart"])
+def test_warned_preemption_drains_and_bootstraps_from_peers(quick):
+    out, results = quick
+    row = next(r for r in results["rows"] if r["arm"] == WARNED)
+    # every warned worker drained and left within its grace: none was killed
+    assert row["kills"] == 0 and len(row["left_in_grace"]) == row["warnings"], row
+    drained = row["extra"]["drained"]
+    assert len(drained) == row["warnings"] and all(d["retired"] for d in drained), drained
+    # only the tasks a warned worker was running, or had been handed, can run again
+    prefetch = int(config.get("scheduler.prefetch"))
+    assert row["reruns"] <= row["warnings"] * (THREADS + prefetch), row
+    assert row["reruns"] <= sum(d["abandoned"] for d in drained), row
+    # every load used a staged copy; only copies made from the checkpoint read the storage,
+    # and each new worker is a node of its own (no node-local copy to find)
+    staged = row["extra"]["staged"]
+    assert len(staged) == row["loads"], staged
+    assert {c["origin"] for c in staged} <= {"files", "peer"} and staged[0]["origin"] == "files"
+    assert row["extra"]["source_bytes"] == sum(c["nbytes"] for c in staged if c["origin"] == "files")
+    md = (out / "results.md").read_text()
+    assert "## Preemption" in md and f"| {WARNED} |" in md
+
+
+@pytest.mark.parametrize("module", ["loading", "calibrate", "plan", "timeline", "coldstart", "tasks"])
 def test_doctests(module):
     mod = importlib.import_module(f"benchmarks.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

@@ -21,6 +21,7 @@ by a generated model, ``Client(...)`` by a client of a fresh LocalCluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -84,6 +85,12 @@ def test_every_page_has_code_that_runs():
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_code_blocks_run(page, tmp_path, model_dir):
     subs = placeholders(model_dir, tmp_path)
+    # another test may have reset Dask's settings to a snapshot taken before
+    # dask-jobqueue was imported: its defaults must be there for SLURMCluster
+    with contextlib.suppress(ImportError):
+        import dask_jobqueue.config
+
+        dask_jobqueue.config.reconfigure()
     namespace: dict = {"__name__": "__docs__"}
     servers: list[subprocess.Popen] = []
     cwd = os.getcwd()

@@ -260,7 +260,8 @@ async def test_sizes_declared_ten_times_wrong_are_corrected_by_measurement(c, s,
         assert len(await c.gather(futures)) == 90
         r = (await report(c))["contexts"]
         assert all(7000 < r[n]["nbytes"] < 10_000 for n in names)
-        assert sum(r[n]["loads"] for n in names) <= 4, r
+        # no thrash: at most two loads per context (the minimum is one each)
+        assert sum(r[n]["loads"] for n in names) <= 6, r
         # a context loaded beside a busy one on a too-small estimate goes once it
         # has no work there (the router asks): the budget holds again
         await async_poll_for(
