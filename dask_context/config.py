@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from typing import Any
 
 import dask.config
@@ -73,17 +74,8 @@ def get_seconds(key: str, value: Any = None) -> float:
     ...
     dask_context.errors.SettingError: dask-context.adaptive.keep-warm: '5min' is not a duration; write e.g. '300s', '5m' or '5 minutes'
     """
-    raw = get(key, value)
-    try:
-        seconds = parse_timedelta(raw)
-    except (KeyError, ValueError, TypeError):
-        seconds = None
-    if seconds is None or seconds < 0:
-        raise SettingError(
-            f"dask-context.{key}: {raw!r} is not a duration; write e.g. '300s', '5m' or "
-            "'5 minutes'"
-        )
-    return seconds
+    return _parsed(key, value, parse_timedelta, lambda s: s >= 0,
+                   "a duration; write e.g. '300s', '5m' or '5 minutes'")
 
 
 def get_bytes(key: str, value: Any = None) -> int:
@@ -98,28 +90,31 @@ def get_bytes(key: str, value: Any = None) -> int:
     ...
     dask_context.errors.SettingError: dask-context.worker.memory-budget: 'lots' is not a size; write e.g. '20 GiB' or a number of bytes
     """
-    raw = get(key, value)
-    try:
-        nbytes = parse_bytes(raw) if isinstance(raw, str) else int(raw)
-    except (ValueError, TypeError):
-        nbytes = -1
-    if nbytes < 0:
-        raise SettingError(
-            f"dask-context.{key}: {raw!r} is not a size; write e.g. '20 GiB' or a number of bytes"
-        )
-    return nbytes
+    return _parsed(key, value, lambda v: parse_bytes(v) if isinstance(v, str) else int(v),
+                   lambda n: n >= 0, "a size; write e.g. '20 GiB' or a number of bytes")
 
 
 def get_fraction(key: str, value: Any = None) -> float:
-    """A setting in (0, 1]."""
+    """A setting in (0, 1].
+
+    >>> get_fraction("worker.memory-fraction", 1.5)
+    Traceback (most recent call last):
+    ...
+    dask_context.errors.SettingError: dask-context.worker.memory-fraction: 1.5 is not a number in (0, 1]
+    """
+    return _parsed(key, value, float, lambda f: 0 < f <= 1, "a number in (0, 1]")
+
+
+def _parsed(key: str, value: Any, parse: Callable[[Any], Any], valid: Callable[[Any], bool],
+            what: str) -> Any:
     raw = get(key, value)
     try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = -1.0
-    if not 0 < value <= 1:
-        raise SettingError(f"dask-context.{key}: {raw!r} must be a number in (0, 1]")
-    return value
+        parsed = parse(raw)
+    except (KeyError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or not valid(parsed):
+        raise SettingError(f"dask-context.{key}: {raw!r} is not {what}")
+    return parsed
 
 
 def worker_settings() -> dict[str, Any]:
