@@ -9,6 +9,9 @@ batch and model, and with several models one ``vote`` task per batch on top. Onl
   ``dask_context.use(name)``, with one :class:`~dask_context.ContextSpec` per model;
 - ``global-cache``: :func:`benchmarks.tasks.cached_judge`, a lazy module-level cache
   of one model per worker process, no routing.
+
+The preemption scenario adds dask-context with warned preemptions and peer bootstrap
+(:mod:`benchmarks.warned`).
 """
 
 from __future__ import annotations
@@ -54,18 +57,25 @@ class ArmSetup:
         Calibrated load time (dask-context's ``load_time`` hint).
     nbytes
         Calibrated size of a loaded model (dask-context's ``memory`` estimate).
+    starts
+        File the workers log every task start to
+        (:class:`benchmarks.tasks.TaskStarts`; None: no log).
     """
 
     tag: str
     load: dict[str, Any]
     load_seconds: float
     nbytes: int
+    starts: str | None = None
 
 
 class DaskArm:
     """One way of running the pipeline's model tasks on a Dask cluster."""
 
     name: ClassVar[str]
+    grace: float | None = None
+    """Seconds from a preemption's warning (SIGTERM) to its kill; None: preemptions
+    come without a warning (SIGKILL)."""
 
     def setup(self, client: Client, models: Sequence[Model], arm: ArmSetup) -> None:
         """Prepare the cluster (before the clock starts)."""
@@ -116,15 +126,15 @@ class DaskContext(DaskArm):
     def context(model: Model, arm: ArmSetup) -> str:
         return f"{model.name}-{arm.tag}"
 
+    def spec(self, model: Model, arm: ArmSetup) -> dask_context.ContextSpec:
+        """The context of ``model``: loaded as every arm loads it, with size and time hints."""
+        return dask_context.ContextSpec(
+            self.context(model, arm), load_model, args=[model.path], kwargs=arm.load,
+            memory=arm.nbytes, load_time=arm.load_seconds,
+        )
+
     def setup(self, client: Client, models: Sequence[Model], arm: ArmSetup) -> None:
-        specs = [
-            dask_context.ContextSpec(
-                self.context(m, arm), load_model, args=[m.path], kwargs=arm.load,
-                memory=arm.nbytes, load_time=arm.load_seconds,
-            )
-            for m in models
-        ]
-        dask_context.register(client, *specs)
+        dask_context.register(client, *(self.spec(m, arm) for m in models))
 
     def task(self, claims: list[str], model: Model, key: str, arm: ArmSetup) -> Delayed:
         name = self.context(model, arm)
@@ -137,9 +147,6 @@ class DaskContext(DaskArm):
         dask_context.unregister(client, *names)
         keep = ("loads", "tasks", "warmups", "requeued", "evictions", "failures", "load_time")
         return {"router": {n: {k: info[n][k] for k in keep} for n in names if n in info}}
-
-
-ARMS: dict[str, type[DaskArm]] = {a.name: a for a in (LoadPerTask, DaskContext, GlobalCache)}
 
 
 def pipeline(

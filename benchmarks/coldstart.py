@@ -75,7 +75,8 @@ class SharedStorage:
     state
         The state file (created on first use).
     mbps
-        Total bandwidth ``B`` in MB/s (10**6 bytes).
+        Total bandwidth ``B`` in MB/s (10**6 bytes); 0 delivers at once (and still
+        counts the bytes).
 
     Examples
     --------
@@ -114,7 +115,7 @@ class SharedStorage:
         """Book ``nbytes`` of transfer; return the wall-clock time it ends."""
         with self._locked() as fd:
             free_at, delivered = self._load(fd)
-            end = max(free_at, time.time()) + nbytes / (self.mbps * 1e6)
+            end = max(free_at, time.time()) + (nbytes / (self.mbps * 1e6) if self.mbps > 0 else 0.0)
             os.pwrite(fd, f"{end:.6f} {delivered + nbytes}\n".ljust(48).encode(), 0)
         return end
 

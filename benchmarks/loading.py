@@ -107,19 +107,44 @@ def load_model(
     from dask_context.models import load_causal_lm
 
     record: dict[str, Any] = {"pid": os.getpid(), "model": Path(path).name, "start": time.time()}
-    _append(log, {**record, "event": "start"})
+    append_record(log, {**record, "event": "start"})
     t0 = time.perf_counter()
     nbytes, read_seconds = cold_read(path, storage_mbps)
     model = load_causal_lm(path, device=device, dtype=dtype)
     seconds = time.perf_counter() - t0
-    _append(
+    append_record(
         log,
         {**record, "event": "done", "seconds": seconds, "read_seconds": read_seconds, "bytes": nbytes},
     )
     return model
 
 
-def _append(log: str | None, record: dict[str, Any]) -> None:
+def load_staged(path: str, *, source: str, storage_mbps: float = 0.0, **load: Any) -> Any:
+    """Loader of a context with ``files=source``: load the copy dask-context staged.
+
+    The staging read ``source`` from the storage (or fetched a peer's copy) into a
+    node-local directory, ``path``; this reads that copy back from the local disk, at
+    the local disk's speed, as a loader on a node with a staged copy does. Only when
+    the staging could not make a copy and hands over ``source`` itself is the read
+    bounded by the storage's bandwidth, as for every other arm.
+
+    Parameters
+    ----------
+    path
+        The directory dask-context passes to the loader.
+    source
+        The checkpoint directory on the (emulated) shared storage.
+    storage_mbps
+        Bandwidth of a read of ``source`` (see :func:`cold_read`).
+    **load
+        The other arguments of :func:`load_model`.
+    """
+    mbps = storage_mbps if os.path.samefile(path, source) else 0.0
+    return load_model(path, storage_mbps=mbps, **load)
+
+
+def append_record(log: str | None, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line to the file ``log`` (nothing if None)."""
     if log is None:
         return
     # one short O_APPEND write per record: lines from concurrent processes stay whole
@@ -144,9 +169,9 @@ def read_load_log(log: str | os.PathLike[str]) -> dict[str, Any]:
     --------
     >>> import tempfile
     >>> log = tempfile.mktemp()
-    >>> _append(log, {"event": "start", "model": "m0", "start": 10.0})
-    >>> _append(log, {"event": "done", "model": "m0", "start": 10.0, "seconds": 2.0})
-    >>> _append(log, {"event": "start", "model": "m1", "start": 11.0})
+    >>> append_record(log, {"event": "start", "model": "m0", "start": 10.0})
+    >>> append_record(log, {"event": "done", "model": "m0", "start": 10.0, "seconds": 2.0})
+    >>> append_record(log, {"event": "start", "model": "m1", "start": 11.0})
     >>> read_load_log(log)
     {'loads': 2, 'completed': 1, 'seconds': 2.0, 'total_seconds': 2.0, 'per_model': {'m0': 1, 'm1': 1}, 'first_start': 10.0}
     """

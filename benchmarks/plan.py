@@ -74,7 +74,7 @@ SCENARIOS: dict[str, Scenario] = {
             work=(6.0, 30.0, 8.0), peers=("global-cache", "ray"),
         ),
         Scenario(
-            "preempt", "one model, workers SIGKILLed and restarted",
+            "preempt", "one model, workers preempted and replaced",
             regimes=(PAPER2,), work=(12.0,), preempt=True,
         ),
         Scenario(

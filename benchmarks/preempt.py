@@ -1,14 +1,22 @@
-"""Simulated preemption: SIGKILL worker processes while a computation runs.
+"""Simulated preemption: take worker processes away while a computation runs.
 
-The LocalCluster's nannies restart killed workers (new process, new address, cold),
-as a batch system backfills a preempted node. The schedule is the same for every
-arm: a first kill once a quarter of the results are in (so that every arm, however
-fast, loses a warm worker mid-run), then one kill every ``interval`` seconds (so that
-an arm that runs longer is preempted more often, as on opportunistic resources).
+The schedule is the same for every arm: a first preemption once a quarter of the
+results are in (so that every arm, however fast, loses a warm worker mid-run), then
+one every ``interval`` seconds (so that an arm that runs longer is preempted more
+often, as on opportunistic resources). Two kinds:
+
+- :class:`Preemptor`: SIGKILL, no warning. The LocalCluster's nannies restart killed
+  workers (new process, new address, cold), as a batch system backfills a preempted
+  node;
+- :class:`WarningPreemptor`: SIGTERM first (the warning of SLURM, Kubernetes or a
+  cloud's spot notice), SIGKILL ``grace`` seconds later unless the worker left by
+  itself; once it is gone, a new worker process takes its place.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import math
 import os
@@ -25,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 # seconds a worker has been connected before it may be killed
 SETTLED = 2.0
+# seconds between looks at whether a warned worker has left
+POLL = 0.1
+# names of the workers started in place of warned ones, unique in this process
+_REPLACEMENTS = itertools.count()
 
 
 class Preemptor:
@@ -66,10 +78,15 @@ class Preemptor:
         self.interval = interval
         self.first_fraction = first_fraction
         self.kills: list[dict[str, Any]] = []
+        """SIGKILLs sent."""
+        self.warnings: list[dict[str, Any]] = []
+        """Warnings (SIGTERM) sent; only :class:`WarningPreemptor` sends them."""
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._first = threading.Event()
         self._seen: dict[str, float] = {}
+        # workers preempted already: a warned worker is still connected while it drains
+        self._struck: set[str] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="preemptor", daemon=True)
 
@@ -120,11 +137,130 @@ class Preemptor:
         # only workers up for a while: a LocalCluster nanny does not restart a worker
         # killed while the nanny is still starting it, and would leave the cluster a
         # worker short for good (a batch system starts a new job instead)
-        up = sorted(a for a in pids if now - self._seen[a] >= SETTLED)
+        up = sorted(a for a in pids if now - self._seen[a] >= SETTLED and a not in self._struck)
         if not up:
             return False
         worker = self._rng.choice(up)
-        os.kill(pids[worker], signal.SIGKILL)
-        self.kills.append({"time": time.time(), "worker": worker, "pid": pids[worker]})
-        logger.info("Preempted %s (pid %d)", worker, pids[worker])
+        self._struck.add(worker)
+        self._preempt(worker, pids[worker])
         return True
+
+    def _preempt(self, worker: str, pid: int) -> None:
+        """Take ``worker`` (process ``pid``) away: SIGKILL; its nanny starts it again, cold."""
+        self._sigkill(worker, pid)
+
+    def _sigkill(self, worker: str, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        self.kills.append({"time": time.time(), "worker": worker, "pid": pid})
+        logger.info("Preempted %s (pid %d)", worker, pid)
+
+
+class WarningPreemptor(Preemptor):
+    """Warn a worker (SIGTERM), kill it ``grace`` seconds later, then replace it.
+
+    The warning goes to the worker process, as SLURM and Kubernetes send it: with
+    dask-context's preemption plugins enabled (``dask_context.register`` does it)
+    the worker drains and leaves with its nanny, which then does not restart it. A
+    worker still connected when the grace is over is killed (SIGKILL). A new worker
+    process (a new nanny of the LocalCluster) is started at the warning, as
+    ContextAdaptive asks the batch system for a replacement at the warning; SIGKILL
+    arms get theirs from the nanny when the process dies.
+
+    The wait for each warned worker runs in a thread of its own, so that a warning
+    never holds up the collection of results; leaving the ``with`` block waits for
+    them, so that the cluster is whole again afterwards.
+
+    Parameters
+    ----------
+    client
+        Client of a LocalCluster (``client.cluster``: replacements are started there).
+    progress, interval, first_fraction, seed
+        As for :class:`Preemptor`.
+    grace
+        Seconds from the warning to the kill.
+
+    Examples
+    --------
+    .. code-block:: python
+
+        with WarningPreemptor(client, lambda: done / total, interval=20, grace=10) as p:
+            ...  # collect the results
+        p.warnings  # [{"time": ..., "worker": ..., "pid": ..., "left_after": 0.4}, ...]
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        progress: Callable[[], float],
+        interval: float,
+        grace: float,
+        first_fraction: float = 0.25,
+        seed: int = 0,
+    ):
+        super().__init__(client, progress, interval, first_fraction=first_fraction, seed=seed)
+        self.grace = grace
+        self._followers: list[threading.Thread] = []
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        # no warning is made from here on: the list is complete
+        for follower in self._followers:
+            follower.join()
+
+    def _preempt(self, worker: str, pid: int) -> None:
+        name = self.client.scheduler_info()["workers"][worker]["name"]
+        os.kill(pid, signal.SIGTERM)
+        warning: dict[str, Any] = {
+            "time": time.time(), "worker": worker, "pid": pid, "left_after": None,
+        }
+        self.warnings.append(warning)
+        logger.info("Warned %s (pid %d): killed in %.1f s unless it leaves", worker, pid, self.grace)
+        # the replacement is asked for at the warning, as ContextAdaptive does on a
+        # batch system, so that it starts while the warned worker drains
+        self._add_replacement()
+        follower = threading.Thread(
+            target=self._follow, args=(warning, name), name="preemptor-grace", daemon=True
+        )
+        self._followers.append(follower)
+        follower.start()
+
+    def _follow(self, warning: dict[str, Any], name: Any) -> None:
+        """Wait until the warned worker left or its grace is over; kill it then; replace it."""
+        worker = warning["worker"]
+        try:
+            deadline = warning["time"] + self.grace
+            while worker in self.client.scheduler_info()["workers"] and time.time() < deadline:
+                time.sleep(POLL)
+            if worker in self.client.scheduler_info()["workers"]:
+                logger.warning("%s did not leave within its grace of %.1f s", worker, self.grace)
+                self._sigkill(worker, warning["pid"])
+            else:
+                warning["left_after"] = time.time() - warning["time"]
+                logger.info("%s left %.2f s after its warning", worker, warning["left_after"])
+            self._drop(name)
+        except Exception:  # a failed replacement must not end the benchmark
+            logger.exception("Preemption of %s failed", worker)
+
+    def _add_replacement(self) -> None:
+        """Start a new worker process in the LocalCluster, under a new name."""
+        cluster = self.client.cluster
+
+        def add() -> None:
+            cluster.worker_spec[f"replacement-{next(_REPLACEMENTS)}"] = copy.copy(cluster.new_spec)
+            cluster.scale(len(cluster.worker_spec))
+
+        cluster.loop.add_callback(add)
+
+    def _drop(self, name: Any) -> None:
+        """Take the warned worker ``name`` out of the LocalCluster once it is gone.
+
+        Its nanny is closed with it (a killed worker's nanny would otherwise start
+        it again).
+        """
+        cluster = self.client.cluster
+
+        def drop() -> None:
+            cluster.worker_spec.pop(name, None)
+            cluster.scale(len(cluster.worker_spec))
+
+        cluster.loop.add_callback(drop)

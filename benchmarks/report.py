@@ -3,13 +3,15 @@
 
 Every row is one arm of one run. ``reduction`` compares the arm with the
 load-per-task arm of the same run (the papers' "-72.1%"), ``x_limit`` with the
-physical limit ``T*`` of :func:`benchmarks.plan.limit`.
+physical limit ``T*`` of :func:`benchmarks.plan.limit`; ``reruns`` counts task
+starts beyond each task's first (work lost to preemption).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ def row(run: Run, arm: str, measured: dict[str, Any], cal: Calibration, workers:
     t_star = limit(run, cal, workers)
     ideal = ideal_load_per_task(run, cal, workers)
     wall = measured.get("wall")
+    warnings = measured.get("warnings", [])
     return {
         "scenario": run.scenario.name,
         "title": run.scenario.title,
@@ -51,6 +54,10 @@ def row(run: Run, arm: str, measured: dict[str, Any], cal: Calibration, workers:
         "loads_per_model": measured.get("loads_per_model"),
         "load_seconds": measured.get("load_seconds"),
         "kills": len(measured.get("kills", [])),
+        "warnings": len(warnings),
+        "left_in_grace": [w["left_after"] for w in warnings if w["left_after"] is not None],
+        "reruns": measured.get("reruns"),
+        "results": sum(measured.get("verdicts", {}).values()),
         "limit": t_star,
         "x_limit": wall / t_star if wall else None,
         "ideal_load_per_task": ideal,
@@ -143,7 +150,69 @@ def scenarios_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: 
             f"{_fmt(r['x_limit'], '.2f')} | {r['kills']} |"
         )
     lines += ["", "## Targets", "", *targets(rows)]
+    preempted = preemption_table(rows, meta)
+    if preempted:
+        lines += ["", "## Preemption", "", *preempted]
     lines += ["", "## Where the time went (Dask arms)", "", *breakdown_table(rows)]
+    return lines
+
+
+def preemptions(r: dict[str, Any]) -> int:
+    """Preemptions of an arm: warnings, and kills that no warning announced.
+
+    A warned worker that did not leave within its grace is killed as well; that
+    kill is part of its preemption.
+    """
+    warned = r.get("warnings", 0)
+    return warned or r["kills"]
+
+
+def preemption_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Every preempted arm: wall time, loads, distance to T*, and the work it lost."""
+    rows = [r for r in rows if r["status"] == "ok" and preemptions(r) and r.get("reruns") is not None]
+    if not rows:
+        return []
+    lines = [
+        "Workers taken away while an arm runs: the first once a quarter of the results "
+        f"are in, then one every {meta['preempt_every']:g} s. SIGKILL arms: no warning, the "
+        "nanny restarts the process cold. `warned` arms: SIGTERM, and SIGKILL "
+        f"{meta.get('grace', 0):g} s later unless the worker drained and left; a new "
+        "worker process replaces it once it is gone. `warned+peers` also declares the "
+        "context with `files=` the checkpoint and makes each worker process a node of its "
+        "own: a replacement copies the checkpoint from a peer, and only copies made from "
+        "`files` read the storage. `reruns`: task starts beyond each task's first (from "
+        "the workers' task-start log), i.e. work lost; a warned worker loses at most the "
+        "tasks it is running when half its grace is over. `checkpoint`: where each "
+        "loaded copy came from.",
+        "",
+        "| run | arm | preemptions | wall (s) | loads | x limit | reruns | reruns / preemption | checkpoint |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        n = preemptions(r)
+        if r.get("warnings"):
+            left = r["left_in_grace"]
+            how = f"{n} warned: {len(left)} left in grace"
+            if left:
+                how += f" (after {', '.join(f'{x:.1f}' for x in left)} s)"
+            how += f", {r['kills']} killed"
+        else:
+            how = f"{n} SIGKILL"
+        staged = r["extra"].get("staged")
+        if staged:
+            origins = [c["origin"] for c in staged]
+            copies = ", ".join(
+                f"{origins.count(o)} from {o} "
+                f"({statistics.median(c['seconds'] for c in staged if c['origin'] == o):.2f} s)"
+                for o in sorted(set(origins))
+            ) + f"; {r['extra']['source_bytes'] / 1e6:.0f} MB from the storage"
+        else:
+            copies = "storage, every load"
+        lines.append(
+            f"| {r['scenario']} B={r['batch']} | {r['arm']} | {how} | {r['wall']:.1f} | "
+            f"{_fmt(r['loads'], 'd')} | {r['x_limit']:.2f} | {r['reruns']} | "
+            f"{r['reruns'] / n:.2f} | {copies} |"
+        )
     return lines
 
 
@@ -204,9 +273,10 @@ def targets(rows: Sequence[dict[str, Any]]) -> list[str]:
     base = {(r["scenario"], r["batch"]): r for r in rows if r["arm"] == BASELINE and r["wall"]}
     out = []
     for r in rows:
-        if r["arm"] != OURS or r["status"] != "ok":
+        if not r["arm"].startswith(OURS) or r["status"] != "ok":
             continue
-        parts = [f"- **{r['scenario']} B={r['batch']}** (L/(B·t) = {r['ratio']:.2f}):"]
+        arm = "" if r["arm"] == OURS else f", {r['arm']}"
+        parts = [f"- **{r['scenario']} B={r['batch']}{arm}** (L/(B·t) = {r['ratio']:.2f}):"]
         target = TARGETS.get(r["regime"])
         if target is not None and r["reduction"] is not None:
             verdict = "met" if r["reduction"] >= target else "missed"
@@ -290,7 +360,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, coldstart: Sequence[dict[st
         labels = [r["arm"] for r in sub]
         bars = ax.bar(labels, [r["wall"] for r in sub], color=[colors[a] for a in labels])
         for bar, r in zip(bars, sub, strict=True):
-            ax.annotate(f"{r['loads']} loads\n{r['x_limit']:.2f}x T*",
+            # results.json files from before reruns were counted have none
+            reruns = f", {r['reruns']} reruns" if preemptions(r) and r.get("reruns") is not None else ""
+            ax.annotate(f"{r['loads']} loads{reruns}\n{r['x_limit']:.2f}x T*",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
         ax.axhline(sub[0]["limit"], color="k", ls="--", label="limit T*")

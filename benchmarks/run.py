@@ -37,7 +37,7 @@ from typing import Any  # noqa: E402
 from distributed import Client  # noqa: E402
 
 from benchmarks import coldstart, ray_peer  # noqa: E402
-from benchmarks.arms import ARMS, ArmSetup, DaskContext, GlobalCache, LoadPerTask, Model  # noqa: E402
+from benchmarks.arms import ArmSetup, DaskArm, DaskContext, GlobalCache, LoadPerTask, Model  # noqa: E402
 from benchmarks.calibrate import Calibration, batch_for, calibrate  # noqa: E402
 from benchmarks.loading import checkpoint_bytes, read_load_log  # noqa: E402
 from benchmarks.plan import (  # noqa: E402
@@ -56,6 +56,8 @@ from benchmarks.plan import (  # noqa: E402
 )
 from benchmarks.report import fill_reductions, render, row, write  # noqa: E402
 from benchmarks.runner import batches_of, bench_cluster, profile_arm, run_arm  # noqa: E402
+from benchmarks.warned import Warned, WarnedPeers  # noqa: E402
+from dask_context import config  # noqa: E402
 from dask_context.factcheck import make_claims  # noqa: E402
 from dask_context.models import make_model  # noqa: E402
 
@@ -88,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "storage still gets 300)")
     p.add_argument("--preempt-every", type=float, default=None,
                    help="seconds between worker kills after the first (default: 20; 2 with --quick)")
+    p.add_argument("--grace", type=float, default=None,
+                   help="seconds from a warning to the kill in the preemption arms with warnings "
+                        "(default: dask-context's preemption.grace setting, 10)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every run's number of claims (for development)")
     p.add_argument("--seed", type=int, default=0, help="seed of the claims and the kills")
@@ -104,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.storage_mbps = 0.0 if args.quick else 300.0
     if args.preempt_every is None:
         args.preempt_every = 2.0 if args.quick else 20.0
+    if args.grace is None:
+        args.grace = config.get_seconds("preemption.grace")
     if args.peers is None:
         args.peers = "global-cache" if args.quick else ",".join(PEERS)
     args.peers = [] if args.peers == "none" else [x.strip() for x in args.peers.split(",") if x.strip()]
@@ -134,6 +141,8 @@ class Bench:
             for i in range(n_models)
         ]
         self.load: dict[str, Any] = {"dtype": args.dtype, "storage_mbps": args.storage_mbps}
+        # the storage the warned+peers arm's staging reads the checkpoint from
+        self.storage = coldstart.SharedStorage(str(logs / "storage"), args.storage_mbps)
         self.cal: Calibration | None = None
         self.rows: list[dict[str, Any]] = []
         self._arm_count = 0
@@ -199,10 +208,17 @@ class Bench:
         self._arm_count += 1
         tag = f"run{self._arm_count}"
         return ArmSetup(tag=tag, load={**self.load, "log": str(self.logs / f"{tag}.jsonl")},
-                        load_seconds=self.cal.load_seconds, nbytes=self.cal.nbytes)
+                        load_seconds=self.cal.load_seconds, nbytes=self.cal.nbytes,
+                        starts=str(self.logs / f"{tag}-starts.jsonl"))
 
-    def dask_arms(self) -> list[str]:
-        return [LoadPerTask.name, DaskContext.name] + [p for p in self.args.peers if p == GlobalCache.name]
+    def dask_arms(self, run: Run) -> list[DaskArm]:
+        """The papers' comparison, and in the preemption scenario the arms with warnings."""
+        arms: list[DaskArm] = [LoadPerTask(), DaskContext()]
+        if GlobalCache.name in self.args.peers:
+            arms.append(GlobalCache())
+        if run.scenario.preempt:
+            arms += [Warned(self.args.grace), WarnedPeers(self.args.grace, self.storage)]
+        return arms
 
     def measure_run(self, client: Client, run: Run) -> None:
         """Every arm of one run, one after the other."""
@@ -215,16 +231,16 @@ class Bench:
                     run.label, run.items, len(models), run.batch, cal.load_seconds / (run.batch * cal.t(run.batch)))
         min_loads = max(len(models), workers)
         inference = len(models) * run.items * cal.t(run.batch)
-        for name in self.dask_arms():
+        for arm in self.dask_arms(run):
             setup = self.next_setup()
             measured = run_arm(
-                client, ARMS[name](), models, batches, setup, workers=workers,
+                client, arm, models, batches, setup, workers=workers,
                 preempt_every=self.args.preempt_every if run.scenario.preempt else None,
                 seed=self.args.seed,
             )
             measured["profile"] = profile_arm(measured, workers=workers, min_loads=min_loads,
                                               load_seconds=cal.load_seconds, inference_seconds=inference)
-            self.rows.append(row(run, name, measured, cal, workers))
+            self.rows.append(row(run, arm.name, measured, cal, workers))
         if "ray" in self.args.peers and "ray" in run.scenario.peers:
             self.rows.append(row(run, "ray-data", self.measure_ray(run), cal, workers))
 
@@ -279,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with bench_cluster(args.workers, args.threads) as client:
                     cal = bench.calibrate(client)
                 budget = budget_bytes(SCENARIOS[names[0]], cal)
-            with bench_cluster(args.workers, args.threads, budget=budget, allowed_failures=1000) as client:
+            with bench_cluster(args.workers, args.threads, budget=budget, allowed_failures=1000,
+                               staging=str(Path(tmp) / "nodes")) as client:
                 if bench.cal is None:
                     bench.calibrate(client)
                 for name in names:
@@ -305,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
         "peers": args.peers,
         "preempt_every": args.preempt_every,
+        "grace": args.grace,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "notes": notes(args, load_before),

@@ -20,8 +20,8 @@ from distributed import Client, Future, LocalCluster, as_completed
 
 from benchmarks.arms import ArmSetup, DaskArm, Model, pipeline
 from benchmarks.loading import read_load_log
-from benchmarks.preempt import Preemptor
-from benchmarks.tasks import Warmup, wait_warm
+from benchmarks.preempt import Preemptor, WarningPreemptor
+from benchmarks.tasks import NodePerProcess, TaskStarts, Warmup, read_task_starts, wait_warm
 from benchmarks.timeline import breakdown
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def bench_cluster(
-    workers: int, threads: int = 1, budget: int | None = None, allowed_failures: int | None = None
+    workers: int, threads: int = 1, budget: int | None = None, allowed_failures: int | None = None,
+    staging: str | None = None,
 ) -> Iterator[Client]:
     """A LocalCluster of ``workers`` single-threaded worker processes, warmed up.
 
@@ -42,6 +43,10 @@ def bench_cluster(
     allowed_failures
         Times a task may be on a worker that dies before Dask gives up on it
         (preemption kills workers on purpose: raise it).
+    staging
+        Make every worker process a node of its own, with its staging directory
+        under this one (:class:`benchmarks.tasks.NodePerProcess`); None: the
+        workers are one node, dask-context's default.
     """
     settings: dict[str, Any] = {}
     if budget is not None:
@@ -56,6 +61,8 @@ def bench_cluster(
         )
     with cluster, Client(cluster) as client:
         client.register_plugin(Warmup(threads))
+        if staging is not None:
+            client.register_plugin(NodePerProcess(staging))
         client.get_task_stream()  # installs the task-stream recorder on the scheduler
         wait_ready(client, workers)
         yield client
@@ -101,18 +108,27 @@ def run_arm(
 ) -> dict[str, Any]:
     """Run ``arm`` on the pipeline of ``models`` over ``batches``; return measurements.
 
+    The arm's workers are preempted every ``preempt_every`` seconds (None: never),
+    with a warning when the arm has a ``grace`` (:class:`WarningPreemptor`), else
+    with SIGKILL (:class:`Preemptor`).
+
     Returns
     -------
     ``wall`` (seconds from submission to the last result), ``scheduler_cpu``
     (CPU seconds of this process, which runs the scheduler and the client), ``loads`` and
-    ``load_seconds`` (from the load log), ``kills``, ``workers_start`` and
-    ``workers_end`` (addresses), ``stream`` (task-stream records), ``timeline``
-    (see :func:`timeline`), ``verdicts``
-    (counts) and whatever the arm's teardown reports (``extra``).
+    ``load_seconds`` (from the load log), ``kills`` and ``warnings`` (the
+    preemptor's records), ``reruns`` (task starts beyond each task's first, from
+    ``setup.starts``; None without it), ``workers_start`` and ``workers_end``
+    (addresses), ``stream`` (task-stream records), ``timeline`` (see
+    :func:`timeline`), ``verdicts`` (counts) and whatever the arm's teardown reports
+    (``extra``).
     """
     log = setup.load.get("log")
-    if log:
-        Path(log).unlink(missing_ok=True)
+    for path in (log, setup.starts):
+        if path:
+            Path(path).unlink(missing_ok=True)
+    if setup.starts:
+        client.register_plugin(TaskStarts(setup.starts))
     arm.setup(client, models, setup)
     graph = pipeline(arm, batches, models, setup)
     initial = sorted(client.scheduler_info(n_workers=-1)["workers"])
@@ -120,21 +136,30 @@ def run_arm(
     # the scheduler runs in this process (LocalCluster): its CPU time, with the
     # client's, is what scheduling takes from the workers on a small machine
     cpu0 = time.process_time()
-    results, kills = collect(client, client.compute(graph), preempt_every, seed)
+    futures = client.compute(graph)
+    progress = _Progress(len(futures))
+    preemptor: Preemptor | None = None
+    if preempt_every and arm.grace is not None:
+        preemptor = WarningPreemptor(client, progress, preempt_every, arm.grace, seed=seed)
+    elif preempt_every:
+        preemptor = Preemptor(client, progress, preempt_every, seed=seed)
+    results, t1 = collect(futures, progress, preemptor)
     cpu = time.process_time() - cpu0
-    t1 = time.time()
     final = sorted(client.scheduler_info(n_workers=-1)["workers"])
     check(results, batches)
     stream = client.get_task_stream(start=t0)
     extra = arm.teardown(client, models, setup)
     loads = read_load_log(log) if log else {}
+    reruns = read_task_starts(setup.starts)["reruns"] if setup.starts else None
     verdicts: dict[str, int] = {}
     for rows in results:
         for r in rows:
             verdicts[r["verdict"]] = verdicts.get(r["verdict"], 0) + 1
+    kills = preemptor.kills if preemptor else []
+    warnings = preemptor.warnings if preemptor else []
     logger.info(
-        "%s %s: %.1f s, %s loads, %d kills",
-        setup.tag, arm.name, t1 - t0, loads.get("loads"), len(kills),
+        "%s %s: %.1f s, %s loads, %d warnings, %d kills, %s reruns",
+        setup.tag, arm.name, t1 - t0, loads.get("loads"), len(warnings), len(kills), reruns,
     )
     if preempt_every:
         wait_ready(client, workers)  # replacements must be up before the next arm
@@ -149,6 +174,8 @@ def run_arm(
         "load_seconds_total": loads.get("total_seconds"),
         "loads_per_model": loads.get("per_model"),
         "kills": kills,
+        "warnings": warnings,
+        "reruns": reruns,
         "workers_start": initial,
         "workers_end": final,
         "stream": stream,
@@ -181,8 +208,8 @@ class _Progress:
 
 
 def collect(
-    client: Client, futures: list[Future], preempt_every: float | None, seed: int
-) -> tuple[list[Any], list[dict[str, Any]]]:
+    futures: list[Future], progress: _Progress, preemptor: Preemptor | None
+) -> tuple[list[Any], float]:
     """Fetch results as they finish, releasing each from the cluster, under preemption if asked.
 
     Results fetched this way survive the loss of the worker that computed them, as
@@ -191,14 +218,13 @@ def collect(
 
     Returns
     -------
-    The results in the order of ``futures``, and the kills made.
+    The results in the order of ``futures``, and the wall-clock time the last one
+    came (before the preemptor has finished with the workers it took away).
     """
     index = {f.key: j for j, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
-    progress = _Progress(len(futures))
     pending = as_completed(futures, with_results=True)
     futures.clear()  # from here on, only ``pending`` holds them
-    preemptor = Preemptor(client, progress, preempt_every, seed=seed) if preempt_every else None
     with preemptor or contextlib.nullcontext():
         for future, result in pending:
             results[index[future.key]] = result
@@ -206,7 +232,8 @@ def collect(
             future.release()
             if preemptor is not None:
                 preemptor.first_kill()
-    return results, (preemptor.kills if preemptor else [])
+        stop = time.time()
+    return results, stop
 
 
 def profile_arm(measured: dict[str, Any], *, workers: int, min_loads: int, load_seconds: float, inference_seconds: float) -> dict[str, float]:

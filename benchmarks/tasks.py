@@ -8,21 +8,26 @@ the two baselines it is compared with:
   worker process, bounded to ``capacity`` models (least recently used goes).
 
 They live in a module (not in ``run.py``) because worker processes unpickle them by
-reference.
+reference. So do the benchmark's worker plugins: :class:`Warmup`,
+:class:`NodePerProcess` and :class:`TaskStarts`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+import os
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dask
 from distributed import WorkerPlugin
 
-from benchmarks.loading import load_model
+from benchmarks.loading import append_record, load_model
 from dask_context.factcheck import judge
 
 if TYPE_CHECKING:
@@ -118,10 +123,101 @@ class Warmup(WorkerPlugin):
         self.threads = threads
 
     async def setup(self, worker: Worker) -> None:
-        # in a thread: the imports take seconds and the event loop must keep serving
+        # torch on the event loop first (about 1.5 s), before the plugins registered
+        # after this one set up on a new worker: dask-context's device discovery
+        # (devices._torch_gpus, in a thread of its own) takes torch from sys.modules
+        # and fails on one that another thread is still importing
+        import torch  # noqa: F401
+
+        # the rest in a thread: it takes seconds more and the event loop must keep serving
         await asyncio.to_thread(_warm, self.threads)
 
 
 async def wait_warm(timeout: float = 120.0) -> bool:
     """Run on workers (``client.run``): wait until :class:`Warmup` finished here."""
     return await asyncio.to_thread(_READY.wait, timeout)
+
+
+class NodePerProcess(WorkerPlugin):
+    """Make every worker process a node of its own, for dask-context's staging.
+
+    Sets ``dask-context.worker.node`` (``node-<pid>``) and
+    ``dask-context.worker.staging-dir`` (``<root>/node-<pid>``, empty) in each worker
+    process before dask-context sets up there (plugins are set up in the order they
+    were registered; register this one before any context). A worker that replaces a
+    preempted one is then a new node with an empty staging directory, as on a batch
+    system, where the preempted node goes back to the pool with its local disk. Only
+    contexts with ``files=`` read these settings.
+
+    Parameters
+    ----------
+    root
+        Directory holding every emulated node's staging directory.
+    """
+
+    name = "benchmark-node-per-process"
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def setup(self, worker: Worker) -> None:
+        node = f"node-{os.getpid()}"
+        dask.config.set({
+            "dask-context.worker.node": node,
+            "dask-context.worker.staging-dir": os.path.join(self.root, node),
+        })
+
+
+class TaskStarts(WorkerPlugin):
+    """Append every task a worker starts (key, process) to a file.
+
+    A task that a killed worker was running never reaches the scheduler's task
+    stream; its start, written here before it runs, survives the process. See
+    :func:`read_task_starts`.
+
+    Parameters
+    ----------
+    log
+        The file (shared by the worker processes; one short append per start).
+    """
+
+    name = "benchmark-task-starts"
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if finish == "executing":
+            append_record(self.log, {"key": str(key), "pid": os.getpid()})
+
+
+def read_task_starts(log: str | os.PathLike[str]) -> dict[str, int]:
+    """Count the tasks started and run again in a :class:`TaskStarts` log.
+
+    A task runs again only on another process (its first one died, or left while
+    running it), so a task started by ``n`` processes ran ``n - 1`` more times.
+
+    Returns
+    -------
+    ``{"tasks": tasks started, "reruns": starts beyond each task's first,
+    "rerun_tasks": tasks started more than once}``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> log = tempfile.mktemp()
+    >>> for key, pid in [("a", 1), ("b", 1), ("b", 2), ("c", 2)]:
+    ...     append_record(log, {"key": key, "pid": pid})
+    >>> read_task_starts(log)
+    {'tasks': 3, 'reruns': 1, 'rerun_tasks': 1}
+    """
+    path = Path(log)
+    procs: defaultdict[str, set[int]] = defaultdict(set)
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        procs[record["key"]].add(record["pid"])
+    return {
+        "tasks": len(procs),
+        "reruns": sum(len(p) - 1 for p in procs.values()),
+        "rerun_tasks": sum(len(p) > 1 for p in procs.values()),
+    }

@@ -326,5 +326,14 @@ def batch_job() -> str | None:
 
 
 def torch_if_imported() -> Any:
-    """The torch module if something in this process imported it, else None."""
-    return sys.modules.get("torch")
+    """The torch module if something in this process imported it, else None.
+
+    A torch that another thread is still importing is already in ``sys.modules``
+    without its attributes (``torch.cuda``...); importing it here waits for that
+    import to finish (the import system's lock per module) and returns it whole.
+    """
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    return torch

@@ -30,12 +30,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dask_context import config
+from dask_context import _compat, config
 from dask_context.policy import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -355,7 +354,7 @@ def _smi_gpus(path: str | None, timeout: float = SMI_TIMEOUT) -> list[GPU] | Non
 
 def _torch_gpus() -> list[GPU] | None:
     """The visible GPUs as torch sees them, only if torch is imported already."""
-    torch = sys.modules.get("torch")
+    torch = _compat.torch_if_imported()
     if torch is None or not torch.cuda.is_available():
         return None
     gpus = []
@@ -377,7 +376,7 @@ def memory_info(device: str) -> tuple[int, int] | None:
         memory = psutil.virtual_memory()
         return int(memory.available), int(memory.total)
     index = int(device.split(":")[1])
-    torch = sys.modules.get("torch")
+    torch = _compat.torch_if_imported()
     if torch is not None and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(index)
         return int(free), int(total)
