@@ -121,5 +121,6 @@ def test_the_example_runs_twice_against_one_deployment(tmp_path, model_dir):
             outputs.append(out.stdout)
         assert "new model loads: 0" in outputs[1], outputs[1]
         with Client(address) as client:
-            assert 1 <= dc.report(client)["contexts"]["verifier"]["loads"] <= 2
+            loads = dc.report(client)["contexts"]["verifier"]["loads"]
+        assert loads in (1, 2), loads  # one per worker at most, all in the first run
         assert (tmp_path / "verdicts-0.jsonl").read_text() == (tmp_path / "verdicts-1.jsonl").read_text()
