@@ -170,7 +170,7 @@ def watch(done: Any, timeout: float = 180) -> None:
 
 started = time.time()
 bag = db.from_sequence(claims, partition_size=8)
-with dask_context.use("verifier"):  # for bags, around compute
+with dask_context.use("verifier"):  # or build the bag inside use(): either marks it
     future = client.compute(bag.map_partitions(verify_batch))
 watch(future.done)
 verdicts = future.result()
