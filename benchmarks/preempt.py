@@ -10,7 +10,7 @@ often, as on opportunistic resources). Two kinds:
   node;
 - :class:`WarningPreemptor`: SIGTERM first (the warning of SLURM, Kubernetes or a
   cloud's spot notice), SIGKILL ``grace`` seconds later unless the worker left by
-  itself; once it is gone, a new worker process takes its place.
+  itself; a new worker process, started at the warning, takes its place.
 """
 
 from __future__ import annotations

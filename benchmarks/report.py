@@ -177,7 +177,7 @@ def preemption_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> li
         f"are in, then one every {meta['preempt_every']:g} s. SIGKILL arms: no warning, the "
         "nanny restarts the process cold. `warned` arms: SIGTERM, and SIGKILL "
         f"{meta.get('grace', 0):g} s later unless the worker drained and left; a new "
-        "worker process replaces it once it is gone. `warned+peers` also declares the "
+        "worker process, started at the warning, replaces it. `warned+peers` also declares the "
         "context with `files=` the checkpoint and makes each worker process a node of its "
         "own: a replacement copies the checkpoint from a peer, and only copies made from "
         "`files` read the storage. `reruns`: task starts beyond each task's first (from "

@@ -9,7 +9,7 @@ in the first, so that the two effects can be told apart:
   to the worker process, which drains (:mod:`dask_context.preemption`: it starts no
   new task, gives back those it has not started, finishes its running one, moves its
   results to a peer and leaves with its nanny), SIGKILL ``grace`` seconds later if it
-  is still there; a new worker process replaces it once it is gone;
+  is still there; a new worker process, started at the warning, replaces it;
 - the context is declared with ``files=`` (the checkpoint directory). Each worker
   process is a node of its own (:class:`benchmarks.tasks.NodePerProcess`), so a
   replacement stages the checkpoint into an empty node-local directory: from a warm
