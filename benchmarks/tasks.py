@@ -123,13 +123,7 @@ class Warmup(WorkerPlugin):
         self.threads = threads
 
     async def setup(self, worker: Worker) -> None:
-        # torch on the event loop first (about 1.5 s), before the plugins registered
-        # after this one set up on a new worker: dask-context's device discovery
-        # (devices._torch_gpus, in a thread of its own) takes torch from sys.modules
-        # and fails on one that another thread is still importing
-        import torch  # noqa: F401
-
-        # the rest in a thread: it takes seconds more and the event loop must keep serving
+        # in a thread: the imports take seconds and the event loop must keep serving
         await asyncio.to_thread(_warm, self.threads)
 
 
