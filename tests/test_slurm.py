@@ -233,6 +233,20 @@ def warm_workers(client: Client, context: str = "verifier") -> list[str]:
     return list(dc.report(client)["contexts"][context]["warm"])
 
 
+def preempt_one_worker(s: Slurm, workers: set[str], seconds: float) -> str:
+    """Submit a ``high`` job one CPU larger than what is free, for ``seconds``; return
+    the one worker of ``workers`` that SLURM preempted for it."""
+    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True)
+    subprocess.run(
+        ["sbatch", "-p", "high", "-J", f"{s.job_name}-hog", "-c", str(int(cpus.stdout.split()[0]) - 1),
+         "--mem=256M", "-t", "2", "-o", "/dev/null", "-e", "/dev/null", "--wrap", f"sleep {seconds:g}"],
+        check=True, capture_output=True,
+    )
+    gone = wait_until(lambda: workers - connected(s.client), 60, "SLURM to preempt a worker job")
+    assert len(gone) == 1
+    return gone.pop()
+
+
 def connected(client: Client) -> set[str]:
     return set(client.scheduler_info()["workers"])
 
@@ -524,16 +538,7 @@ def test_lost_worker_job_loses_no_result(
         victim = warm_workers(s.client)[0]
         subprocess.run(["scancel", job_by_worker[victim]], check=True)
     else:
-        # one CPU more than is free: SLURM must preempt exactly one worker job
-        cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True)
-        subprocess.run(
-            ["sbatch", "-p", "high", "-J", f"{s.job_name}-hog", "-c", str(int(cpus.stdout.split()[0]) - 1),
-             "--mem=256M", "-t", "2", "-o", "/dev/null", "-e", "/dev/null", "--wrap", "sleep 6"],
-            check=True, capture_output=True,
-        )
-        gone = wait_until(lambda: before - connected(s.client), 60, "SLURM to preempt a worker job")
-        assert len(gone) == 1
-        victim = gone.pop()
+        victim = preempt_one_worker(s, before, seconds=6)
 
     results = wait_done(futures)
     check_results(results, expected["verdicts"])

@@ -45,6 +45,7 @@ from tests.test_slurm import (
     context_events,
     expected,
     job_of,
+    preempt_one_worker,
     start_slurm,
     wait_done,
     wait_until,
@@ -177,16 +178,7 @@ def test_preempted_worker_drains_during_grace_time(
     futures = two_warm_workers_at_work(s, seconds=0.6)
     before = connected(s.client)
     job_by_worker = {w: job_of(s, w) for w in before}
-    cpus = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, check=True)
-    # one CPU more than is free: SLURM must preempt exactly one worker job
-    subprocess.run(
-        ["sbatch", "-p", "high", "-J", f"{s.job_name}-hog", "-c", str(int(cpus.stdout.split()[0]) - 1),
-         "--mem=256M", "-t", "2", "-o", "/dev/null", "-e", "/dev/null", "--wrap", "sleep 4"],
-        check=True, capture_output=True,
-    )
-    gone = wait_until(lambda: before - connected(s.client), 60, "SLURM to preempt a worker job")
-    assert len(gone) == 1
-    victim = gone.pop()
+    victim = preempt_one_worker(s, before, seconds=4)
     drained = check_drained(s, futures, expected["verdicts"], victim, job_by_worker[victim], "grace-time preemption")
     # its job ended when the worker left, long before the end of the grace time
     job = s.jobs.snapshot()[job_by_worker[victim]]
