@@ -155,6 +155,10 @@ class ContextRouter(SchedulerPlugin):
         self.default_load_time = config.get_seconds("scheduler.default-load-time")
         self.failed_limit = int(config.get("scheduler.failed-load-workers"))
         self.retry = config.get_seconds("worker.failed-load-retry")
+        self.stall_margin = config.get_seconds("scheduler.stall-margin")
+        self.reconcile_interval = config.get_seconds("scheduler.reconcile-interval")
+        self._last_survey = time.monotonic()
+        self._surveying = False
         self.scaling = Scaling(self)
         self.unknown_duration = parse_timedelta(
             dask.config.get("distributed.scheduler.unknown-task-duration")
@@ -207,12 +211,52 @@ class ContextRouter(SchedulerPlugin):
             task.cancel()
         unregister_collector(self._collector)
 
-    async def _survey(self) -> None:
-        """Learn what workers that were set up before the router hold."""
-        replies = await self.scheduler.broadcast(msg={"op": "dask_context_state"}, on_error="return")
-        for address, reply in replies.items():
-            if isinstance(reply, dict):
-                self.worker_joined(address, **reply)
+    def restart(self, scheduler: Scheduler) -> None:
+        # Scheduler.restart clears task metadata, where workers look for the router
+        # before they announce their contexts
+        scheduler.set_metadata(ROUTER_METADATA, True)
+
+    async def _survey(self, repair: bool = False) -> None:
+        """Make the router's records what the workers say they have.
+
+        With ``repair``, a worker that has been running for a while without a
+        context's worker plugin, or with an older spec of it, gets the plugin the
+        scheduler holds again (its setup failed, or a message was lost).
+        """
+        if self._surveying:
+            return
+        self._surveying = True
+        try:
+            replies = await self.scheduler.broadcast(msg={"op": "dask_context_state"}, on_error="return")
+            for address, reply in replies.items():
+                if isinstance(reply, dict):
+                    self.worker_joined(address, **reply)
+            if repair:
+                await self._reinstall()
+        finally:
+            self._surveying = False
+            self._last_survey = time.monotonic()
+
+    async def _reinstall(self) -> None:
+        """Send context plugins again to running workers whose records lack them."""
+        now = time.monotonic()
+        plugins = self.scheduler.worker_plugins
+        for ws in _compat.running_workers(self.scheduler):
+            w = self.state.workers.get(ws.address)
+            if w is None or now - w.joined < self.stall_margin:
+                continue  # its plugins may still be setting up
+            for ctx in self.state.contexts.values():
+                plugin = plugins.get(f"dask-context-{ctx.name}")
+                if plugin is None or w.specs.get(ctx.name) == ctx.token:
+                    continue
+                logger.error(
+                    "Worker %s lacks the current spec of context %r: installing its plugin again",
+                    ws.address, ctx.name,
+                )
+                await self.scheduler.broadcast(
+                    msg={"op": "plugin-add", "plugin": plugin, "name": f"dask-context-{ctx.name}"},
+                    workers=[ws.address], on_error="return",
+                )
 
     # ------------------------------------------------------------ handlers
     def register(self, specs: list[dict[str, Any]], replace: bool = False) -> dict[str, str]:
@@ -306,34 +350,46 @@ class ContextRouter(SchedulerPlugin):
             logger.info("Worker %s takes the settings the cluster was given: %s", worker, inherited)
         return effective
 
-    def worker_joined(
-        self, worker: str, budget: float, device: str, job: str | None,
-        specs: dict[str, dict[str, Any]], resident: dict[str, int], loading: list[str],
-        host: dict[str, int] | None = None,
-    ) -> None:
+    def worker_joined(self, worker: str, **snapshot: Any) -> None:
         """Scheduler handler: a worker's contexts (its plugins just set one up).
 
         A worker started with ``--preload dask_context`` announces its contexts
         before it registers with the scheduler: that announcement waits here until
         the worker joins.
         """
-        ws = self.scheduler.workers.get(worker)
-        if ws is None:
-            self._announced[worker] = dict(
-                budget=budget, device=device, job=job, specs=specs, resident=resident,
-                loading=loading, host=host,
-            )
+        if worker not in self.scheduler.workers:
+            self._announced[worker] = snapshot
             return
         self._show_page()
-        w = self.state.add_worker(worker, ws.nthreads)
-        w.budget, w.job = float(budget), job
-        self._specs(w, specs)
-        self._resident(w, resident)
-        w.host = {c: int(n) for c, n in (host or {}).items() if c in self.state.contexts}
-        w.loading = {c for c in loading if c in self.state.contexts}
-        for c in w.loading:
-            self.state.contexts[c].allowed.add(worker)
+        self._apply(self.state.add_worker(worker, self.scheduler.workers[worker].nthreads), snapshot)
         self.wake(replan=True)
+
+    def _apply(self, w: WorkerRecord, snapshot: dict[str, Any]) -> bool:
+        """Make the record of ``w`` what the worker says it has, unless a newer
+        snapshot was applied already (see ``WorkerContexts.state``).
+
+        Returns whether it was applied.
+        """
+        seq = snapshot.get("seq")
+        if seq is None or seq <= w.seq:
+            return False
+        w.seq = seq
+        st = self.state
+        w.budget, w.job = float(snapshot["budget"]), snapshot.get("job")
+        for name, info in snapshot["specs"].items():
+            # a context registered by hand (its worker plugin alone) becomes known here
+            if name not in st.contexts and name not in self._unregistered:
+                st.add_context(info)
+        w.specs = {name: info["token"] for name, info in snapshot["specs"].items()}
+        w.resident = {c: int(n) for c, n in snapshot["resident"].items() if c in st.contexts}
+        w.host = {c: int(n) for c, n in snapshot["host"].items() if c in st.contexts}
+        w.loading = {c for c in snapshot["loading"] if c in st.contexts}
+        for c in (*w.resident, *w.loading):
+            if w.specs.get(c) == st.contexts[c].token:
+                st.contexts[c].allowed.add(w.address)
+        for c in w.resident:
+            w.unchoose(c)
+        return True
 
     def _show_page(self) -> None:
         """Serve the dashboard's Contexts page once dask-context is in use here (a
@@ -543,16 +599,10 @@ class ContextRouter(SchedulerPlugin):
         w = st.workers.get(msg.get("worker"))
         if w is None:
             return
-        if "budget" in msg:
-            w.budget = float(msg["budget"])
-        if "resident" in msg:
-            self._resident(w, msg["resident"])
-        if "host" in msg:
-            w.host = {c: int(n) for c, n in msg["host"].items() if c in self.state.contexts}
+        if "seq" in msg:
+            self._apply(w, msg)
         action, name = msg.get("action"), msg.get("context")
-        if action == "specs":
-            self._specs(w, msg["specs"])
-        elif action == "uses":
+        if action == "uses":
             self._learn(msg["group"], name)
         elif action == "unused":
             self._unlearn(msg["group"], name)
@@ -560,13 +610,7 @@ class ContextRouter(SchedulerPlugin):
         if ctx is None:
             self.wake(replan=True)
             return
-        if action == "loading":
-            w.loading.add(name)
-            ctx.allowed.add(w.address)
-        elif action == "loaded":
-            w.loading.discard(name)
-            w.unchoose(name)
-            ctx.allowed.add(w.address)
+        if action == "loaded":
             if msg.get("from") == "host":
                 # a copy back from host memory says nothing of a load from storage
                 ctx.rewarms += 1
@@ -580,7 +624,6 @@ class ContextRouter(SchedulerPlugin):
             if task is not None:
                 task.load_seconds = msg["seconds"]
         elif action == "evicted":
-            w.loading.discard(name)
             w.unchoose(name)
             ctx.allowed.discard(w.address)
             ctx.evictions += 1
@@ -604,19 +647,6 @@ class ContextRouter(SchedulerPlugin):
                 name, w.address, msg.get("error"),
             )
         self.wake(replan=True)
-
-    def _specs(self, w: WorkerRecord, specs: dict[str, dict[str, Any]]) -> None:
-        """The specs set up on a worker; a context registered by hand (its worker
-        plugin alone) becomes known here too."""
-        for name, info in specs.items():
-            if name not in self.state.contexts and name not in self._unregistered:
-                self.state.add_context(info)
-        w.specs = {name: info["token"] for name, info in specs.items()}
-
-    def _resident(self, w: WorkerRecord, resident: dict[str, int]) -> None:
-        w.resident = {c: int(n) for c, n in resident.items() if c in self.state.contexts}
-        for c in w.resident:
-            self.state.contexts[c].allowed.add(w.address)
 
     # ------------------------------------------------------------ learning
     def _learn(self, group: str, name: str) -> None:
@@ -683,6 +713,15 @@ class ContextRouter(SchedulerPlugin):
         self._replan_wanted = True
         if self._ticks % 5 == 0:
             self._reconcile(full=self._ticks % 25 == 0)
+        now = time.monotonic()
+        if self.state.contexts and now - self._last_survey > self.reconcile_interval and any(
+            c.waiting for c in self.state.contexts.values()
+        ):
+            self._spawn(self._survey())
+        try:
+            self._guard(now)
+        except Exception:
+            self._fail_safe("guard", self._all_waiting())
         if self._ticks % 50 == 0:
             self.learned = {g: c for g, c in self.learned.items() if g in self.scheduler.task_groups}
         self._run()
@@ -909,6 +948,52 @@ class ContextRouter(SchedulerPlugin):
                     ctx.name, len(ctx.failed_on), ctx.error["exception_text"], len(keys),
                 )
                 _compat.fail(self.scheduler, keys, ctx.error, f"dask-context-failed-{time.time()}")
+
+    def _guard(self, now: float) -> None:
+        """Act on a context whose queued tasks wait while a worker could serve them.
+
+        A context stalls when none of its tasks was sent to a worker for longer than
+        a load plus ``scheduler.stall-margin`` while a running worker that may load
+        it sits idle. The first time, the router's records of the workers are read
+        again from the workers, missing plugins are installed again and routing is
+        re-planned; if it stalls again, its queued tasks go back to Dask's own
+        scheduling (they load the context where they land). Both are logged at
+        ERROR: a stall is a bug of the router, never a state to wait in.
+        """
+        for ctx in self.state.contexts.values():
+            if not ctx.waiting:
+                ctx.stalls = 0
+                continue
+            waited = now - max(ctx.since or now, ctx.progress)
+            if waited < self._load_time(ctx) + self.stall_margin or not self._idle_servers(ctx):
+                continue
+            ctx.progress = now
+            if ctx.stalls == 0:
+                ctx.stalls = 1
+                logger.error(
+                    "Context %r: %d task(s) waited %.1f s while workers could serve them; "
+                    "reading the workers' contexts again and re-planning",
+                    ctx.name, ctx.waiting, waited,
+                )
+                self._spawn(self._survey(repair=True))
+                self.wake(replan=True)
+            else:
+                ctx.stalls = 0
+                keys = [t.key for t in self.state.waiting_tasks(ctx)]
+                logger.error(
+                    "Context %r: %d task(s) still wait after a re-plan; handing them back "
+                    "to Dask's own scheduling", ctx.name, len(keys),
+                )
+                self._release(keys)
+
+    def _idle_servers(self, ctx: ContextRecord) -> list[str]:
+        """Running workers with a free thread that may load ``ctx``."""
+        return [
+            ws.address for ws in _compat.running_workers(self.scheduler)
+            if _compat.processing_count(ws) < ws.nthreads
+            and (w := self.state.workers.get(ws.address)) is not None
+            and not w.draining and ctx.name not in w.failed
+        ]
 
     # ------------------------------------------------------------ fail-safe
     def _all_waiting(self) -> list[Hashable]:

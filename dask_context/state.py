@@ -103,6 +103,9 @@ class WorkerRecord:
     idle_since: float = field(default_factory=time.monotonic)
     #: the worker was told it will be preempted: it takes no new context tasks
     draining: bool = False
+    #: sequence number of the newest snapshot of the worker's contexts applied here
+    seq: int = 0
+    joined: float = field(default_factory=time.monotonic)
 
     def unchoose(self, name: str) -> None:
         """The worker is no longer to warm ``name`` (it did, or the plan changed)."""
@@ -134,6 +137,10 @@ class ContextRecord:
     waiting: int = 0
     #: when its queue last became non-empty (None while empty)
     since: float | None = None
+    #: when one of its tasks was last sent to a worker, or the stall guard acted
+    progress: float = 0.0
+    #: times the stall guard acted since its tasks last moved (see ContextRouter._guard)
+    stalls: int = 0
     #: waiting tasks per task prefix (their durations are estimated per prefix)
     by_prefix: Counter[str] = field(default_factory=Counter)
     allowed: set[str] = field(default_factory=set)
@@ -310,6 +317,9 @@ class RouterState:
         self.dequeue(task)
         task.worker = address
         task.sent += 1
+        ctx = self.contexts.get(task.context)
+        if ctx is not None:
+            ctx.progress, ctx.stalls = time.monotonic(), 0
         w = self.workers.get(address)
         if w is not None:
             w.tasks.setdefault(task.context, set()).add(task.key)

@@ -1,0 +1,172 @@
+"""Nothing parked forever: the everyday actions that once left context tasks waiting
+with no error (issue 16), on real process workers.
+
+- a loader with type hints defined in the user's own script (``__main__``);
+- ``client.restart()`` and then more work;
+- ``register(..., replace=True)`` after a load, twenty times, quiet and under CPU load;
+- the stall guard, tested by corrupting the router's records on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+import time
+
+import dask
+import pytest
+from distributed import Client, LocalCluster, wait
+
+import dask_context
+from dask_context import ContextSpec
+from tests.loaders import blob, use_context
+
+
+def _cluster(n: int = 2) -> LocalCluster:
+    return LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+        worker_dashboard_address=None,
+    )
+
+
+def _busy() -> None:
+    while True:
+        pass
+
+
+@pytest.fixture(params=["quiet", "busy"])
+def cpu_load(request):
+    """Nothing, or two busy loops on the machine's cores while the test runs."""
+    hogs = []
+    if request.param == "busy":
+        hogs = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(2)]
+        for p in hogs:
+            p.start()
+    yield request.param
+    for p in hogs:
+        p.kill()
+        p.join()
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import time
+    from distributed import Client, LocalCluster
+    import dask_context
+
+    def load(version: str, seconds: float = 0.0) -> dict:
+        time.sleep(seconds)
+        return {"version": version}
+
+    def task(x: int) -> str:
+        return dask_context.get_context("hinted")["version"] + str(x)
+
+    if __name__ == "__main__":
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            dask_context.register(client, dask_context.ContextSpec("hinted", load, args=["v"]))
+            with dask_context.use("hinted"):
+                futures = client.map(task, range(3))
+            print("RESULT", client.gather(futures))
+            print("LOADS", dask_context.report(client)["contexts"]["hinted"]["loads"])
+    """
+)
+
+
+def test_a_type_hinted_loader_defined_in_the_users_script_runs(tmp_path):
+    script = tmp_path / "user_script.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULT ['v0', 'v1', 'v2']" in out.stdout
+    assert "LOADS 1" in out.stdout
+
+
+def test_the_spec_identity_travels_with_the_spec():
+    """The token is computed where the spec is made and never recomputed from bytes."""
+    import cloudpickle
+
+    def load(version: str, seconds: float = 0.0) -> dict:
+        return {}
+
+    spec = ContextSpec("hinted", load, args=["v"])
+    copy = cloudpickle.loads(cloudpickle.dumps(spec))
+    assert (copy.token, copy.fields) == (spec.token, spec.fields)
+    # a different spec under the same name still differs
+    assert ContextSpec("hinted", load, args=["w"]).token != spec.token
+
+
+def test_context_tasks_run_after_client_restart():
+    with _cluster() as cluster, Client(cluster) as client:
+        dask_context.register(client, ContextSpec("r", blob, args=["r"]))
+        with dask_context.use("r"):
+            assert len(client.gather(client.map(use_context, range(4), name="r"))) == 4
+        client.restart()
+        with dask_context.use("r"):
+            futures = client.map(use_context, range(10, 20), name="r")
+        wait(futures, timeout=60)
+        assert [f.result()[1] for f in futures] == list(range(10, 20))
+        report = dask_context.report(client)
+        assert set(report["workers"]) == set(client.scheduler_info()["workers"])
+        # the router knows again what each worker can load
+        assert report["contexts"]["r"]["allowed"]
+
+
+def test_replace_after_a_load_never_strands_tasks(cpu_load):
+    done = 0
+    with _cluster(1) as cluster, Client(cluster) as client:
+        for i in range(20):
+            spec = ContextSpec("m", blob, args=[f"v{i}"], kwargs={"seconds": 0.2})
+            dask_context.register(client, spec, replace=True)
+            with dask_context.use("m"):
+                futures = client.map(use_context, range(3), name="m")
+            wait(futures, timeout=60)
+            assert {f.result()[0] for f in futures} == {f"v{i}"}
+            del futures
+            done += 1
+        loads = dask_context.report(client)["contexts"]["m"]["loads"]
+    assert done == 20
+    # the replaced record counts the loads of the current spec: one, on the one worker
+    assert loads == 1
+
+
+def _corrupt(dask_scheduler, how: str) -> None:
+    router = dask_scheduler.plugins["dask-context"]
+    for w in router.state.workers.values():
+        w.specs.clear()
+        w.resident.clear()
+    for ctx in router.state.contexts.values():
+        ctx.allowed.clear()
+        if how == "token":
+            # a record the workers' snapshots cannot repair
+            ctx.token = "corrupt"
+
+
+@pytest.mark.parametrize("how", ["workers", "token"])
+def test_the_stall_guard_unsticks_tasks_when_the_router_records_are_corrupt(how, caplog):
+    settings = {
+        "dask-context.scheduler.stall-margin": "1s",
+        "dask-context.scheduler.reconcile-interval": "1h",
+        "dask-context.scheduler.default-load-time": "0.5s",
+    }
+    with dask.config.set(settings), _cluster() as cluster, Client(cluster) as client:
+        dask_context.register(client, ContextSpec("g", blob, args=["g"]))
+        with dask_context.use("g"):
+            client.gather(client.map(use_context, range(2), name="g"))
+        client.run_on_scheduler(_corrupt, how=how)
+        caplog.set_level(logging.ERROR, logger="dask_context.scheduler")
+        start = time.monotonic()
+        with dask_context.use("g"):
+            futures = client.map(use_context, range(100, 106), name="g")
+        wait(futures, timeout=60)
+        assert sorted(f.result()[1] for f in futures) == list(range(100, 106))
+        assert time.monotonic() - start < 30
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("waited" in m and "'g'" in m for m in errors), errors
+        if how == "token":
+            assert any("handing them back" in m for m in errors), errors
