@@ -138,6 +138,46 @@ def tasks_of_group(scheduler: Scheduler, group: str) -> list[TaskState]:
     return [ts for ts in scheduler.tasks.values() if ts.group is tg]
 
 
+def clients_wanting(tasks: Iterable[TaskState], limit: int = 10_000) -> set[str]:
+    """Clients that want ``tasks`` or a task that depends on them (at most ``limit``
+    tasks are looked at: the tasks of one graph are submitted by one client)."""
+    seen: set[TaskState] = set()
+    stack = list(tasks)
+    clients: set[str] = set()
+    while stack and len(seen) < limit:
+        ts = stack.pop()
+        if ts in seen:
+            continue
+        seen.add(ts)
+        clients.update(cs.client_key for cs in ts.who_wants or ())
+        if not clients:
+            stack.extend(ts.dependents)
+    return clients
+
+
+def warn_clients(scheduler: Scheduler, clients: Iterable[str], message: str) -> None:
+    """Show ``message`` as a ``UserWarning`` on ``clients``, as a task's
+    ``distributed.warn`` would (every client handles the ``"warn"`` topic)."""
+    import pickle
+    import time
+
+    event = (time.time(), {"message": pickle.dumps(message), "category": pickle.dumps(UserWarning)})
+    for client in clients:
+        if client in scheduler.client_comms:
+            scheduler.report({"op": "event", "topic": "warn", "event": event}, client=client)
+
+
+def reinstall_plugin(scheduler: Scheduler, address: str, name: str) -> Any:
+    """Send the worker plugin ``name`` the scheduler holds to the worker ``address`` again."""
+    plugin = scheduler.worker_plugins.get(name)
+    if plugin is None:
+        return None
+    return scheduler.broadcast(
+        msg={"op": "plugin-add", "plugin": plugin, "name": name},
+        workers=[address], on_error="return",
+    )
+
+
 def parked_unrunnable(scheduler: Scheduler) -> Iterator[TaskState]:
     """Tasks waiting in ``no-worker`` because the router parked them."""
     return (ts for ts in scheduler.unrunnable if is_parked(ts))

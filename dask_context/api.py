@@ -15,7 +15,7 @@ from dask.utils import format_bytes, format_time
 from distributed import Client
 
 from dask_context import config, graph, preemption
-from dask_context.errors import UnknownContextError
+from dask_context.errors import DuplicateContextError, UnknownContextError
 from dask_context.scheduler import WARNINGS, ContextRouter
 from dask_context.spec import ContextSpec, check_unique
 from dask_context.worker import ContextPlugin, router_present
@@ -71,6 +71,8 @@ async def _register(client: Client, specs: tuple[ContextSpec, ...], replace: boo
     status = await client.scheduler.dask_context_register(
         specs=[spec.info() for spec in specs], replace=replace
     )
+    if "error" in status:
+        raise DuplicateContextError(status["error"])
     for spec in specs:
         if status[spec.name] == "declared":
             continue  # the workers' preload sets it up
@@ -82,7 +84,6 @@ async def _register(client: Client, specs: tuple[ContextSpec, ...], replace: boo
     ):
         await preemption.enable_async(client, config.get_seconds("preemption.grace"),
                                  tuple(config.get("preemption.signals")))
-    show_warnings(client)
     return status
 
 
@@ -113,8 +114,9 @@ async def _unregister(client: Client, names: tuple[str, ...]) -> list[str]:
 
 
 def show_warnings(client: Client) -> None:
-    """Show the router's advice to users (e.g. tasks that should be marked) as Python
-    warnings on this client. :func:`register` does this for its client."""
+    """Show all of the router's advice to users (e.g. tasks that should be marked) as
+    Python warnings on this client, whoever submitted the tasks concerned. Without
+    it, each piece of advice shows on the clients that submitted those tasks."""
 
     def warn(event: tuple[float, dict[str, Any]]) -> None:
         warnings.warn(event[1]["message"], UserWarning, stacklevel=1)

@@ -170,6 +170,11 @@ class ContextCache:
         self._measured: dict[str, int] = {}
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
+        # loads from storage under way and the bytes each is expected to take; a
+        # load whose size was never measured here runs alone (see _admit)
+        self._admitted = threading.Condition(self._lock)
+        self._inflight: dict[str, int] = {}
+        self._alone = False
         # the host tier: copies of evicted contexts, the bytes reserved by copies
         # under way, and an event per context being copied to the host right now
         self._host: dict[str, HostCopy] = {}
@@ -299,10 +304,40 @@ class ContextCache:
     # ------------------------------------------------------------------ load
     def _load(self, spec: ContextSpec, key: Hashable | None, generation: int) -> Entry | None:
         name = spec.name
-        # the size measured here last time, else the spec's estimate; a context
-        # declared larger than the budget is still tried (estimates can be wrong),
-        # after making as much room as there is
-        estimate = self._measured.get(name, spec.memory or 0)
+        estimate = self._admit(name, spec)
+        try:
+            return self._load_admitted(spec, key, generation, estimate)
+        finally:
+            with self._admitted:
+                del self._inflight[name]
+                self._alone = False
+                self._admitted.notify_all()
+
+    def _admit(self, name: str, spec: ContextSpec) -> int:
+        """Wait for this load's turn; return the bytes it is expected to take.
+
+        A context never measured on this worker loads alone: its estimate may be
+        far too small, and two such loads at once could together overrun the
+        budget before either is measured (and two first imports of a library in
+        two threads can break each other). Measured ones load side by side, each
+        counted at its measured size while it loads.
+        """
+        measured = name in self._measured
+        with self._admitted:
+            while self._alone or (not measured and self._inflight):
+                self._admitted.wait()
+            # the size measured here last time, else the spec's estimate
+            estimate = self._measured.get(name, spec.memory or 0)
+            self._inflight[name] = estimate
+            self._alone = not measured
+        return estimate
+
+    def _load_admitted(
+        self, spec: ContextSpec, key: Hashable | None, generation: int, estimate: int
+    ) -> Entry | None:
+        name = spec.name
+        # a context declared larger than the budget is still tried (estimates can
+        # be wrong), after making as much room as there is
         self._make_room(name, min(estimate, self.budget))
         self._start_loading(name, key, "storage")
         start = time.perf_counter()
@@ -502,6 +537,10 @@ class ContextCache:
                 for n, e in self._entries.items()
                 if n != name
             }
+            # other loads under way take their room too, and cannot be evicted
+            loading = {n: b for n, b in self._inflight.items() if n != name and n not in held}
+            held.update({n: Resident(b, math.inf) for n, b in loading.items()})
+            protected |= loading.keys()
             if name in self._entries:
                 needed += self._entries[name].nbytes
             victims = choose_victims(held, int(min(needed, self.budget)), self.budget, protected)

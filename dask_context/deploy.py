@@ -27,12 +27,15 @@ async def dask_setup(server: Any) -> None:
     """
     from distributed import Scheduler, Worker
 
+    from dask_context import config
     from dask_context.errors import SettingError
     from dask_context.scheduler import ContextRouter, declared_specs
     from dask_context.worker import ContextPlugin
 
     try:
         specs = declared_specs()
+        if isinstance(server, Worker):
+            config.check_worker(config.worker_settings())
     except SettingError as exc:
         # distributed logs and ignores exceptions from preloads; a bad declaration
         # must stop the process at start instead of failing tasks later

@@ -2,7 +2,8 @@
 
 distributed serves every collector in ``prometheus_client``'s global registry on the
 scheduler's ``/metrics`` page, next to its own ``dask_scheduler_*`` metrics. The
-router registers one collector when it starts and removes it when it closes. Names
+router registers one collector when it starts (once, however often it is started)
+and removes it when it closes. Names
 follow distributed's scheme (``<namespace>_context_<name>``, namespace ``dask`` by
 default), e.g. ``dask_context_loads_total{context="verifier"}``; those a Ray Serve
 model-multiplexing user looks for have parallel names (see ``docs/metrics.md``).
@@ -146,20 +147,37 @@ class ContextCollector(PrometheusCollector):
         yield from (count, held, budget, inflight)
 
 
+#: the collector registered for each running router, by ``id(router)``
+_REGISTERED: dict[int, ContextCollector] = {}
+
+
 def register_collector(router: ContextRouter) -> ContextCollector | None:
-    """Add the router's collector to the global registry (None without prometheus_client)."""
+    """Add the router's collector to the global registry (None without prometheus_client).
+
+    Registering again for the same router returns its collector: a router that
+    ``dask scheduler --preload dask_context`` registers is started twice, once by
+    the preload and once by the scheduler's start, which starts every plugin it
+    holds by then.
+    """
     try:
         from prometheus_client import REGISTRY
     except ImportError:
         logger.info("prometheus_client is not installed: no dask-context metrics")
         return None
+    registered = _REGISTERED.get(id(router))
+    if registered is not None and registered.router is router:
+        return registered
     collector = ContextCollector(router)
     try:
         REGISTRY.register(collector)
     except ValueError:
         # another scheduler in this process (tests) already serves these names
-        logger.warning("dask-context metrics are already registered in this process")
+        logger.warning(
+            "dask-context metrics are already registered in this process, by the "
+            "router of another scheduler: this scheduler's /metrics lacks them"
+        )
         return None
+    _REGISTERED[id(router)] = collector
     return collector
 
 
@@ -169,4 +187,9 @@ def unregister_collector(collector: ContextCollector | None) -> None:
         return
     from prometheus_client import REGISTRY
 
-    REGISTRY.unregister(collector)
+    if _REGISTERED.get(id(collector.router)) is collector:
+        del _REGISTERED[id(collector.router)]
+    try:
+        REGISTRY.unregister(collector)
+    except KeyError:
+        pass  # removed already: a router closed twice

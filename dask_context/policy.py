@@ -140,6 +140,9 @@ class ContextView:
         worker has not set the context up (yet).
     waited
         Seconds since it has had queued work.
+    failing
+        Its load failed on every worker that tried it lately: it goes only where
+        there is room, and no warm context is evicted for it.
     """
 
     queued: int
@@ -150,6 +153,7 @@ class ContextView:
     first: tuple = ()
     excluded: frozenset[str] = frozenset()
     waited: float = math.inf
+    failing: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,12 +170,16 @@ class WorkerView:
         Tasks it is running or has been sent.
     busy
         Contexts with tasks running on it or sent to it: never evicted there.
+    unmeasured
+        Contexts of unknown size it is loading or chosen to load (counted at 0
+        bytes in ``resident``): no second one goes there until they are measured.
     """
 
     budget: float = math.inf
     resident: Mapping[str, Resident] = field(default_factory=dict)
     inflight: int = 0
     busy: frozenset[str] = frozenset()
+    unmeasured: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -189,7 +197,8 @@ def plan_routes(
 
     Two passes, both only over workers that are not excluded for the context and
     whose memory budget fits it once contexts that have no work there are evicted.
-    A context of unknown size counts as filling a whole worker until it is measured.
+    A context of unknown size evicts nothing where there is room, and a worker
+    takes one such context at a time, until it is measured.
     First, a worker found holding more than its budget (a context was larger than
     its estimate) evicts contexts that have no work there.
 
@@ -224,6 +233,22 @@ def plan_routes(
     ...       for i, c in enumerate("ABC")}
     >>> plan_routes(cs, ws).add
     {'A': {'w1'}, 'B': {'w2'}}
+
+    But a context of unknown size evicts nothing where there is room: it goes to
+    the worker with the most room, and is measured once loaded.
+
+    >>> roomy = {"w1": WorkerView(budget=100, resident={"A": Resident(30, 0.0)}),
+    ...          "w2": WorkerView(budget=100, resident={"B": Resident(90, 0.0)})}
+    >>> p = plan_routes({"N": ContextView(queued=5, backlog=5.0, load_time=5.0)}, roomy)
+    >>> p.add, p.evict
+    ({'N': {'w1'}}, {})
+
+    A context whose load failed wherever it was tried evicts nothing either.
+
+    >>> full = {"w1": WorkerView(budget=100, resident={"A": Resident(90, 0.0)})}
+    >>> bad = ContextView(queued=5, backlog=5.0, load_time=5.0, nbytes=50, failing=True)
+    >>> plan_routes({"F": bad}, full).add
+    {}
 
     A short backlog stays on its warm worker; a long one is worth a second load.
 
@@ -294,6 +319,7 @@ class _Planner:
             c: (set(v.allowed) & workers.keys()) - v.excluded for c, v in contexts.items()
         }
         self.resident = {w: dict(v.resident) for w, v in workers.items()}
+        self.unmeasured = {w: set(v.unmeasured) for w, v in workers.items()}
         self.plan = Plan()
 
     def serves(self, w: str) -> list[str]:
@@ -309,27 +335,34 @@ class _Planner:
         )
         return self.workers[w].inflight + share
 
-    def size(self, c: str, w: str) -> float:
-        nbytes = self.contexts[c].nbytes
-        budget = self.workers[w].budget
-        if nbytes is None:
-            return 0 if math.isinf(budget) else budget
-        return nbytes
-
     def victims(self, w: str, c: str) -> list[str] | None:
-        """Contexts ``w`` must evict to hold ``c``; None if it cannot hold it."""
+        """Contexts ``w`` must evict to hold ``c``; None if it cannot hold it.
+
+        A context of unknown size needs only some room (it is measured once loaded),
+        on a worker not loading another one; contexts being loaded or about to be
+        are never evicted.
+        """
         held = self.resident[w]
         if c in held:
             return []
-        need = self.size(c, w)
+        view = self.contexts[c]
         budget = self.workers[w].budget
-        protected = {*self.serves(w), *self.workers[w].busy}
+        if view.nbytes is None and self.unmeasured[w] and not math.isinf(budget):
+            return None
+        need = 1 if view.nbytes is None else view.nbytes
+        protected = {*self.serves(w), *self.workers[w].busy,
+                     *(n for n, r in held.items() if math.isinf(r.last_used))}
         try:
             out = choose_victims(held, need, budget, protected=protected)
         except ContextTooLargeError:
             return None
+        if out and view.failing:
+            return None
         left = sum(r.nbytes for n, r in held.items() if n not in out)
         return out if left + need <= budget else None
+
+    def room(self, w: str) -> float:
+        return self.workers[w].budget - sum(r.nbytes for r in self.resident[w].values())
 
     def add(self, c: str, w: str, victims: list[str]) -> None:
         self.allowed[c].add(w)
@@ -338,7 +371,10 @@ class _Planner:
             del self.resident[w][v]
             self.allowed.get(v, set()).discard(w)
             self.plan.evict.setdefault(w, []).append(v)
-        self.resident[w][c] = Resident(int(self.size(c, w)), math.inf)
+        nbytes = self.contexts[c].nbytes
+        self.resident[w][c] = Resident(nbytes or 0, math.inf)
+        if nbytes is None:
+            self.unmeasured[w].add(c)
 
     def trim(self, w: str) -> None:
         """A worker holding more than its budget (a context was larger than its
@@ -376,7 +412,7 @@ class _Planner:
             victims = self.victims(w, c)
             if victims is None:
                 continue
-            rank = (not self.spare(w), self.load(w), len(victims))
+            rank = (not self.spare(w), len(victims), self.load(w), -self.room(w))
             if best is None or rank < best[0]:
                 best = (rank, w, victims)
         if best is not None:

@@ -47,7 +47,7 @@ from tornado.ioloop import PeriodicCallback
 
 from dask_context import _compat, config, dashboard
 from dask_context.adaptive import Scaling
-from dask_context.errors import DuplicateContextError, UnknownContextError, error_payload
+from dask_context.errors import UnknownContextError, error_payload
 from dask_context.metrics import register_collector, unregister_collector
 from dask_context.policy import (
     ContextView,
@@ -130,6 +130,10 @@ class ContextRouter(SchedulerPlugin):
 
     # ------------------------------------------------------------ lifecycle
     async def start(self, scheduler: Scheduler) -> None:
+        if self.scheduler is scheduler:
+            # ``dask scheduler --preload`` registers the plugin (which starts it) and
+            # then starts every plugin of the scheduler: the second start is a no-op
+            return
         _compat.check_version()
         self.scheduler = scheduler
         self.state = RouterState()
@@ -240,37 +244,31 @@ class ContextRouter(SchedulerPlugin):
     async def _reinstall(self) -> None:
         """Send context plugins again to running workers whose records lack them."""
         now = time.monotonic()
-        plugins = self.scheduler.worker_plugins
         for ws in _compat.running_workers(self.scheduler):
             w = self.state.workers.get(ws.address)
             if w is None or now - w.joined < self.stall_margin:
                 continue  # its plugins may still be setting up
-            for ctx in self.state.contexts.values():
-                plugin = plugins.get(f"dask-context-{ctx.name}")
-                if plugin is None or w.specs.get(ctx.name) == ctx.token:
+            for ctx in list(self.state.contexts.values()):
+                if w.specs.get(ctx.name) == ctx.token:
                     continue
-                logger.error(
-                    "Worker %s lacks the current spec of context %r: installing its plugin again",
-                    ws.address, ctx.name,
-                )
-                await self.scheduler.broadcast(
-                    msg={"op": "plugin-add", "plugin": plugin, "name": f"dask-context-{ctx.name}"},
-                    workers=[ws.address], on_error="return",
-                )
+                sent = _compat.reinstall_plugin(self.scheduler, ws.address, f"dask-context-{ctx.name}")
+                if sent is not None:
+                    logger.error(
+                        "Worker %s lacks the current spec of context %r: installing its "
+                        "plugin again", ws.address, ctx.name,
+                    )
+                    await sent
 
     # ------------------------------------------------------------ handlers
     def register(self, specs: list[dict[str, Any]], replace: bool = False) -> dict[str, str]:
         """Scheduler handler: learn the contexts workers can load.
 
-        Returns, per name, ``"added"``, ``"unchanged"`` (the identical spec is
+        Returns ``{"error": message}`` if a different spec is registered under a
+        name and ``replace`` is false (the client raises ``DuplicateContextError``),
+        else, per name, ``"added"``, ``"unchanged"`` (the identical spec is
         registered: nothing happens, warm copies stay), ``"declared"`` (the identical
         spec is declared in the cluster's ``dask-context.contexts`` setting, and its
         workers set it up themselves) or ``"replaced"``.
-
-        Raises
-        ------
-        DuplicateContextError
-            If a different spec is registered under a name and ``replace`` is false.
         """
         status = {}
         for info in specs:
@@ -284,11 +282,13 @@ class ContextRouter(SchedulerPlugin):
                 status[info["name"]] = "replaced"
             else:
                 differ = ", ".join(differences(ctx.fields, info["fields"]))
-                raise DuplicateContextError(
+                # answered, not raised: a user's mistake is no error of the scheduler
+                # (distributed logs a raising handler's traceback at ERROR)
+                return {"error": (
                     f"context {info['name']!r} is already registered with a different "
                     f"{differ}; pass replace=True to replace it (its warm copies are "
                     "dropped and it loads again on first use)"
-                )
+                )}
         self._show_page()
         for info in specs:
             self._unregistered.discard(info["name"])
@@ -479,30 +479,31 @@ class ContextRouter(SchedulerPlugin):
     ) -> None:
         """Park every new task that needs a context, before the scheduler places it."""
         routed: list[Hashable] = []
+        client = kwargs.get("client")
         try:
             for key, name in (annotations or {}).get("context", {}).items():
                 ts = scheduler.tasks.get(key)
-                if ts is not None and self._known(name) and self._routable(ts):
+                if ts is not None and self._known(name, client) and self._routable(ts, client):
                     self._route(ts, name)
                     routed.append(key)
             if self.learned:
                 for key in tasks:
                     ts = scheduler.tasks.get(key)
                     name = self.learned.get(ts.group.name) if ts is not None else None
-                    if name is not None and self._routable(ts):
+                    if name is not None and self._routable(ts, client):
                         self._route(ts, name, annotate=True)
                         routed.append(key)
         except Exception:
             self._fail_safe("update_graph", routed)
 
-    def _routable(self, ts: TaskState) -> bool:
+    def _routable(self, ts: TaskState, client: str | None) -> bool:
         if ts.state != "released" or ts.run_spec is None or ts.key in self.state.tasks:
             return False
         if self.learned.get(ts.group.name, "") is None:
             return False  # its group is known not to use the context
         if _compat.user_restricted(ts):
             self._warn_once(
-                f"restricted:{ts.group.name}",
+                f"restricted:{ts.group.name}", [client],
                 "Tasks of %s are pinned to workers (workers=...): they are not routed",
                 ts.group.name,
             )
@@ -517,22 +518,24 @@ class ContextRouter(SchedulerPlugin):
         _compat.park(ts)
         return task
 
-    def _known(self, name: Any) -> bool:
+    def _known(self, name: Any, client: str | None) -> bool:
         if isinstance(name, str) and name in self.state.contexts:
             return True
         self._warn_once(
-            f"unknown:{name!r}",
+            f"unknown:{name!r}", [client],
             "Tasks ask for context %r, which is not registered (known: %s); they run "
             "unrouted and get_context() will raise UnknownContextError",
             name, sorted(self.state.contexts),
         )
         return False
 
-    def _warn_once(self, tag: str, message: str, *args: Any) -> None:
+    def _warn_once(self, tag: str, clients: Iterable[str | None], message: str, *args: Any) -> None:
+        """Log advice for users once, and show it on the clients whose tasks it concerns."""
         if tag not in self._warned:
             self._warned.add(tag)
             logger.warning(message, *args)
             self.scheduler.log_event(WARNINGS, {"message": message % args})
+            _compat.warn_clients(self.scheduler, {c for c in clients if c}, message % args)
 
     # ------------------------------------------------------------ transitions
     def transition(self, key: Hashable, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
@@ -656,15 +659,16 @@ class ContextRouter(SchedulerPlugin):
                 self.learned[group] = None  # several contexts: leave the group alone
             return
         self.learned[group] = name
+        tasks = _compat.tasks_of_group(self.scheduler, group)
         self._warn_once(
-            f"learned:{group}",
+            f"learned:{group}", _compat.clients_wanting(tasks),
             "Tasks of %s call get_context(%r) but were not marked as needing it; the "
             "rest of them are routed now. Build or compute them inside "
             "dask_context.use(%r) (or use @dask_context.delayed) so that all are.",
             group, name, name,
         )
         pending = []
-        for ts in _compat.tasks_of_group(self.scheduler, group):
+        for ts in tasks:
             if ts.state in ("released", "waiting", "queued", "no-worker") and self._routable_later(ts):
                 self._route(ts, name, annotate=True)
                 pending.append(ts)
@@ -766,20 +770,25 @@ class ContextRouter(SchedulerPlugin):
                 first=head.priority if head is not None else (),
                 excluded=frozenset(a for a, w in records.items() if not self._can_load(w, ctx)),
                 waited=now - ctx.since if ctx.since is not None else 0.0,
+                failing=bool(ctx.failed_on) and not any(
+                    c in st.workers[a].resident for a in ctx.allowed if a in st.workers
+                ),
             )
         workers = {}
         for a, w in records.items():
             held = {c: Resident(n, w.last_used.get(c, 0.0)) for c, n in w.resident.items()}
+            unmeasured = set()
             for c in (*w.loading, *w.chosen):
                 size = st.contexts[c].size() if c in st.contexts else None
                 if size is None:
-                    size = 0 if w.budget is None or math.isinf(w.budget) else int(w.budget)
-                held.setdefault(c, Resident(size, math.inf))
+                    unmeasured.add(c)
+                held.setdefault(c, Resident(size or 0, math.inf))
             workers[a] = WorkerView(
                 budget=math.inf if w.budget is None else w.budget,
                 resident=held,
                 inflight=_compat.processing_count(running[a]),
                 busy=frozenset(w.tasks),
+                unmeasured=frozenset(unmeasured),
             )
         return contexts, workers
 

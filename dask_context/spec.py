@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import cloudpickle
-from dask.utils import format_bytes, parse_bytes, parse_timedelta
+from dask.utils import format_bytes
 
+from dask_context import config
 from dask_context.errors import DuplicateContextError, SettingError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -59,6 +60,11 @@ class ContextSpec:
     ...                    memory="1 MiB")
     >>> spec
     ContextSpec('prompts', loader=dict, device='auto', memory='1.00 MiB')
+    >>> spec.token == ContextSpec("prompts", dict, kwargs={"verify": "Claim: {claim}"},
+    ...                           memory="1 MiB").token
+    True
+    >>> spec.token == ContextSpec("prompts", dict, memory="1 MiB").token
+    False
     >>> ContextSpec("bad", loader="not a function")
     Traceback (most recent call last):
     ...
@@ -96,37 +102,43 @@ class ContextSpec:
         self.kwargs = dict(kwargs or {})
         self.device = device
         self.memory = None if memory is None else _nonnegative_bytes(name, memory)
-        self.load_time = None if load_time is None else parse_timedelta(load_time)
+        self.load_time = None
+        if load_time is not None:
+            try:
+                self.load_time = config.to_seconds(load_time)
+            except ValueError:
+                raise ValueError(
+                    f"load_time of context {name!r} must be a duration in seconds or "
+                    f"like '30s', got {load_time!r}"
+                ) from None
+            if self.load_time < 0:
+                raise ValueError(f"load_time of context {name!r} must be >= 0, got {load_time!r}")
         self.eager = bool(eager)
         self.files = None if files is None else os.fspath(files)
+        self._identify()
 
-    @functools.cached_property
-    def fields(self) -> dict[str, str]:
-        """A digest of each field, deterministic across processes and runs.
+    def _identify(self) -> None:
+        """Compute the spec's identity once, where it is created.
 
-        Functions importable from a module are compared by name, others (lambdas,
-        notebook functions) by their pickled code.
+        The digests travel with the spec (see :meth:`__getstate__`): a worker or the
+        scheduler never recomputes them, because a function defined in a user's
+        script (``__main__``) pickles differently on each side (its annotations,
+        globals and module differ once unpickled), and a recomputed token would make
+        the router wait for a worker whose spec never matches.
         """
         values = {
             "loader": self.loader, "args": self.args, "kwargs": self.kwargs,
             "device": self.device, "memory": self.memory, "load_time": self.load_time,
             "eager": self.eager, "files": self.files,
         }
-        return {k: hashlib.sha1(cloudpickle.dumps(v)).hexdigest() for k, v in values.items()}
-
-    @property
-    def token(self) -> str:
-        """Identifies the spec: equal tokens mean the same context.
-
-        >>> ContextSpec("a", dict).token == ContextSpec("a", dict).token
-        True
-        >>> ContextSpec("a", dict).token == ContextSpec("a", dict, args=[[1]]).token
-        False
-        """
+        fields = {k: _digest(v) for k, v in values.items()}
+        fields["loader"] = _digest(_importable_name(self.loader) or self.loader)
         digest = hashlib.sha1(self.name.encode())
-        for key in sorted(self.fields):
-            digest.update(self.fields[key].encode())
-        return digest.hexdigest()
+        for key in sorted(fields):
+            digest.update(fields[key].encode())
+        self.fields: dict[str, str] = fields
+        #: identifies the spec: equal tokens mean the same context
+        self.token: str = digest.hexdigest()
 
     def info(self) -> dict[str, Any]:
         """What the scheduler needs to know: plain data, never the loader."""
@@ -134,11 +146,6 @@ class ContextSpec:
             "name": self.name, "token": self.token, "fields": self.fields,
             "memory": self.memory, "load_time": self.load_time, "files": self.files,
         }
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("fields", None)  # recomputed where needed
-        return state
 
     def __repr__(self) -> str:
         loader = getattr(self.loader, "__qualname__", repr(self.loader))
@@ -149,8 +156,50 @@ class ContextSpec:
         )
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha1(cloudpickle.dumps(value)).hexdigest()
+
+
+def _importable_name(func: Any) -> str | None:
+    """``"module:qualname"`` if importing that gives back ``func``, else None.
+
+    Such a function is compared by name (a new version of its module is the same
+    context); others (lambdas, functions of a script or notebook) by their code.
+
+    >>> _importable_name(format_bytes)
+    'dask.utils:format_bytes'
+    >>> _importable_name(lambda: 0) is None
+    True
+    """
+    module, qualname = getattr(func, "__module__", None), getattr(func, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return None
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return f"{module}:{qualname}" if found is func else None
+
+
 def _nonnegative_bytes(name: str, value: int | str) -> int:
-    n = parse_bytes(value) if isinstance(value, str) else int(value)
+    """``memory`` of context ``name`` in bytes; the error names the context and field.
+
+    >>> _nonnegative_bytes("x", "2 GiB")
+    2147483648
+    >>> _nonnegative_bytes("x", "5 parsecs")
+    Traceback (most recent call last):
+    ...
+    ValueError: memory of context 'x' must be a size in bytes or like '2 GiB', got '5 parsecs'
+    >>> _nonnegative_bytes("x", -1)
+    Traceback (most recent call last):
+    ...
+    ValueError: memory of context 'x' must be >= 0, got -1
+    """
+    try:
+        n = config.to_bytes(value)
+    except ValueError:
+        raise ValueError(
+            f"memory of context {name!r} must be a size in bytes or like '2 GiB', got {value!r}"
+        ) from None
     if n < 0:
         raise ValueError(f"memory of context {name!r} must be >= 0, got {value!r}")
     return n

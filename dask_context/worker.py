@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
@@ -110,6 +111,8 @@ class WorkerContexts(WorkerPlugin):
         self._reported: set[tuple[str, str, str]] = set()
         # keys sent back to the scheduler after a failed load, and when
         self._rescheduled: dict[Hashable, float] = {}
+        self._seq = 0
+        self._seq_lock = threading.Lock()
 
     # ------------------------------------------------------------ specs
     async def add(self, spec: ContextSpec) -> None:
@@ -123,7 +126,7 @@ class WorkerContexts(WorkerPlugin):
     async def remove(self, name: str) -> None:
         await asyncio.to_thread(self.cache.remove, name)
         await self.stager.discard(name)
-        self.emit({"action": "specs", "specs": self.cache.specs()})
+        self.emit({"action": "specs"})
 
     async def announce(self) -> None:
         """Tell the router (if there is one) what this worker holds and can load."""
@@ -133,16 +136,25 @@ class WorkerContexts(WorkerPlugin):
             logger.debug("No dask-context router on the scheduler: contexts are not routed")
 
     def state(self) -> dict[str, Any]:
-        """Scheduler-facing summary; also the ``dask_context_state`` handler."""
-        return {
-            "budget": self.cache.budget,
-            "device": self.device,
-            "job": self.job,
-            "specs": self.cache.specs(),
-            "resident": self.cache.resident_bytes(),
-            "loading": self.cache.loading(),
-            "host": self.cache.host_bytes(),
-        }
+        """Scheduler-facing snapshot; also the ``dask_context_state`` handler.
+
+        Snapshots reach the router by two roads (events on the worker's batched
+        stream, replies and calls over RPC) that do not keep their order: ``seq``
+        grows with every snapshot, so the router keeps only the newest and its
+        record of the worker is never rolled back to an older state.
+        """
+        with self._seq_lock:
+            self._seq += 1
+            return {
+                "seq": self._seq,
+                "budget": self.cache.budget,
+                "device": self.device,
+                "job": self.job,
+                "specs": self.cache.specs(),
+                "resident": self.cache.resident_bytes(),
+                "loading": self.cache.loading(),
+                "host": self.cache.host_bytes(),
+            }
 
     def warm(self, name: str) -> None:
         """Handler: the router chose this worker for ``name``: load it in the background.
@@ -159,11 +171,12 @@ class WorkerContexts(WorkerPlugin):
         return await asyncio.to_thread(self.cache.evict_unused, names)
 
     def emit(self, msg: dict[str, Any]) -> None:
-        """Send a cache event to the scheduler (the exception, pickled, on failures)."""
+        """Send a cache event to the scheduler with a snapshot of this worker's
+        contexts (the exception, pickled, on failures)."""
         exc = msg.pop("exc", None)
         if exc is not None:
             msg["payload"] = error_payload(exc)
-        msg["budget"] = self.cache.budget
+        msg.update(self.state())
         self.worker.log_event(TOPIC, msg)
 
     # ------------------------------------------------------------ tasks
@@ -244,7 +257,24 @@ async def worker_contexts(worker: Worker) -> WorkerContexts:
 
 
 async def _create(worker: Worker) -> WorkerContexts:
-    settings = await _settings(worker)
+    from distributed.core import Status
+
+    from dask_context.errors import SettingError
+
+    try:
+        settings = await _settings(worker)
+    except SettingError as exc:
+        # distributed only logs a plugin's failed setup: the worker would stay, half
+        # set up (no budget, get_context asking for register), so it leaves instead
+        logger.critical("dask-context: invalid setting on worker %s, which closes: %s",
+                        worker.address, exc)
+        if worker.status != Status.init:
+            # in the background: a worker cannot close from inside its own start
+            # (plugins of a joining worker are set up while it registers)
+            worker.loop.add_callback(worker.close, nanny=True,
+                                     reason="dask-context-invalid-setting")
+        # (a worker still in init fails to start on this error by itself)
+        raise
     retry = config.get_seconds("worker.failed-load-retry", settings["failed-load-retry"])
     threads = settings["torch-threads"] or worker.state.nthreads
     # NVML or nvidia-smi, never torch: a worker whose contexts do not use torch
@@ -258,7 +288,7 @@ async def _create(worker: Worker) -> WorkerContexts:
     holder: list[WorkerContexts] = []
     stager = Stager(
         worker,
-        node=settings["node"] or socket.gethostname(),
+        node=str(settings["node"] or socket.gethostname()),
         root=settings["staging-dir"] or os.path.join(tempfile.gettempdir(), "dask-context-files"),
     )
     cache = ContextCache(
@@ -293,19 +323,29 @@ async def _create(worker: Worker) -> WorkerContexts:
 
 
 async def _settings(worker: Worker) -> dict[str, Any]:
-    """This worker's settings, as the router sees fit.
+    """This worker's settings, as the router sees fit, all checked.
 
     A worker restarted by its nanny, or started later by the cluster, may have lost
     settings made with ``dask.config.set`` around the cluster's creation (the nanny
     copies Dask's config shallowly); the router hands back the ones that worker's
     nanny, or the cluster, had before.
+
+    Raises
+    ------
+    SettingError
+        If a setting of this worker, or one handed back, cannot be used.
     """
     settings = config.worker_settings()
+    # before the router hears of them: a bad value stops this worker instead of
+    # becoming the setting the router hands to the workers that join after it
+    config.check_worker(settings)
     if not await router_present(worker.scheduler):
         return settings
-    return await worker.scheduler.dask_context_settings(
+    effective = await worker.scheduler.dask_context_settings(
         worker=worker.address, nanny=worker.nanny, settings=settings
     )
+    config.check_worker(effective)
+    return effective
 
 
 async def router_present(scheduler: Any) -> bool:

@@ -78,3 +78,12 @@ def verify_slowly(claims: list, seconds: float, context: str = "verifier") -> li
     out = verify(claims, context)
     time.sleep(seconds)
     return out
+
+
+def logged_blob(name: str, log: str, nbytes: int = 1000, seconds: float = 0.0) -> dict:
+    """:func:`blob` that appends ``name start end`` (monotonic seconds) to ``log``."""
+    start = time.monotonic()
+    out = blob(name, nbytes=nbytes, seconds=seconds)
+    with open(log, "a") as f:
+        f.write(f"{name} {start} {time.monotonic()}\n")
+    return out

@@ -114,3 +114,39 @@ async def test_every_documented_metric_is_served(c, s, a):
     for name in served:
         base = name.removesuffix("_sum").removesuffix("_count")
         assert f"`{base}" in documented, f"{base} is served but not in docs/metrics.md"
+
+
+def test_a_router_started_by_a_preload_registers_its_metrics_once(tmp_path):
+    """``dask scheduler --preload dask_context`` starts its router twice (the preload,
+    then the scheduler's start): one router logs no 'already registered', and its
+    metrics are served."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from distributed import Client
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "scheduler.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+             "--port", str(port), "--dashboard-address", "127.0.0.1:0", "--preload", "dask_context"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            with Client(f"tcp://127.0.0.1:{port}", timeout=30) as client:
+                assert dc.register(client, ContextSpec("t", dict)) == {"t": "added"}
+                http = client.scheduler_info()["services"]["dashboard"]
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=10) as page:
+                    metrics = page.read().decode()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    text = log.read_text()
+    assert "Run preload setup: dask_context" in text, text
+    assert "already registered" not in text, text
+    assert 'dask_context_loads_total{context="t"} 0.0' in metrics

@@ -170,3 +170,57 @@ def test_the_stall_guard_unsticks_tasks_when_the_router_records_are_corrupt(how,
         assert any("waited" in m and "'g'" in m for m in errors), errors
         if how == "token":
             assert any("handing them back" in m for m in errors), errors
+
+
+def test_estimates_ten_times_too_small_load_one_at_a_time_within_budget(tmp_path):
+    """Two contexts declared at a tenth of their size, a budget that fits one: the
+    worker loads them one at a time, and the second load makes room for itself."""
+    from tests.loaders import logged_blob
+
+    log = tmp_path / "loads.log"
+    size = 40_000_000
+    specs = [
+        ContextSpec(n, logged_blob, args=[n, str(log)],
+                    kwargs={"nbytes": size, "seconds": 0.5}, memory=size // 10)
+        for n in ("a", "b")
+    ]
+    with dask.config.set({"dask-context.worker.memory-budget": int(size * 1.5)}), \
+            _cluster(1) as cluster, Client(cluster) as client:
+        dask_context.register(client, *specs)
+        futures = []
+        for n in ("a", "b"):
+            with dask_context.use(n):
+                futures += client.map(use_context, range(10), name=n, seconds=0.01)
+        wait(futures, timeout=120)
+        assert all(f.status == "finished" for f in futures)
+        report = dask_context.report(client)
+    spans = sorted((float(s), float(e)) for _, s, e in (line.split() for line in log.read_text().splitlines()))
+    assert all(s2 >= e1 for (_, e1), (s2, _) in zip(spans, spans[1:])), spans
+    (worker,) = report["workers"].values()
+    assert sum(worker["resident"].values()) <= int(size * 1.5)
+    assert sum(c["failures"] for c in report["contexts"].values()) == 0
+
+
+def test_a_new_context_of_unknown_size_evicts_nothing_where_there_is_room():
+    from tests.loaders import broken
+
+    with _cluster(1) as cluster, Client(cluster) as client:
+        dask_context.register(
+            client,
+            ContextSpec("warm", blob, args=["warm"], memory=1000),
+            ContextSpec("new", blob, args=["new"]),
+            ContextSpec("bad", broken),
+        )
+        with dask_context.use("warm"):
+            client.gather(client.map(use_context, range(3), name="warm"))
+        with dask_context.use("new"):
+            client.gather(client.map(use_context, range(3), name="new"))
+        with dask_context.use("bad"):
+            failed = client.map(use_context, range(3), name="bad")
+        wait(failed, timeout=60)
+        assert all(f.status == "error" for f in failed)
+        report = dask_context.report(client)
+    assert report["contexts"]["warm"]["evictions"] == 0
+    assert report["contexts"]["new"]["evictions"] == 0
+    (worker,) = report["workers"].values()
+    assert set(worker["resident"]) == {"warm", "new"}

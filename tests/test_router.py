@@ -13,7 +13,7 @@ import logging
 import dask
 import dask.bag as db
 import pytest
-from distributed import Event, Worker, wait
+from distributed import Client, Event, Worker, wait
 from distributed.utils_test import async_poll_for, gen_cluster
 
 import dask_context as dc
@@ -272,18 +272,25 @@ async def test_sizes_declared_ten_times_wrong_are_corrected_by_measurement(c, s,
 
 # ---------------------------------------------------------------- 7. one task while loading
 @gen_cluster(client=True, nthreads=[("127.0.0.1", 2)])
-async def test_a_loading_context_does_not_hold_the_other_thread(c, s, a):
-    await dc.register(c, spec("A", seconds=1.5, memory=1000), spec("B", memory=1000))
+async def test_unmeasured_loads_take_turns_and_no_thread_waits_for_one(c, s, a):
+    # sizes declared but never measured here: the worker loads one at a time (two
+    # estimates that are too small must not overrun the budget together)
+    await dc.register(c, spec("A", seconds=1.0, memory=1000), spec("B", seconds=0.2, memory=1000))
     with dc.use("A"):
         slow = c.map(where, range(4), name="A", key=[f"A-{i}" for i in range(4)])
     await async_poll_for(lambda: "A" in a.extensions["dask-context"].cache.loading(), timeout=5)
+    cache = a.extensions["dask-context"].cache
     with dc.use("B"):
         fast = c.map(where, range(20), name="B", key=[f"B-{i}" for i in range(20)])
-    await c.gather(fast)
-    # all of B ran on the second thread while A was still loading on the first
-    assert "A" in a.extensions["dask-context"].cache.loading()
-    assert sum(f.done() for f in slow) == 0
-    await c.gather(slow)
+    await asyncio.sleep(0.3)
+    # B waits for its turn to load, queued on the scheduler: no thread holds one of its tasks
+    assert cache.loading() == ["A"]
+    assert not any(ts.key.startswith("B-") for ts in s.workers[a.address].processing)
+    await c.gather(fast + slow)
+    r = (await report(c))["contexts"]
+    assert (r["A"]["loads"], r["B"]["loads"]) == (1, 1)
+    # every task found its context warm: none waited for a load on a thread
+    assert (r["A"]["hits"], r["B"]["hits"]) == (4, 20)
 
 
 # ---------------------------------------------------------------- 8. counts
@@ -372,6 +379,21 @@ async def test_unmarked_tasks_that_call_get_context_are_learned_and_routed(c, s,
     assert all(25 <= routed[n] <= 30 for n in "ABC"), routed
     assert loads <= 10, r  # unrouted, the 90 tasks thrash: a load every few tasks
     assert set(router(s).learned.values()) == {"A", "B", "C"}
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)])
+async def test_the_unmarked_task_warning_reaches_the_client_that_submitted_them(c, s, a):
+    await dc.register(c, spec("A"))
+    seen: dict[str, list[str]] = {"registering": [], "submitting": []}
+    async with Client(s.address, asynchronous=True) as other:
+        c.subscribe_topic("warn", lambda e: seen["registering"].append(str(e)))
+        other.subscribe_topic("warn", lambda e: seen["submitting"].append(str(e)))
+        bag = db.from_sequence(range(20), npartitions=10).map_partitions(
+            lambda part: [dc.get_context("A")["name"] for _ in part]
+        )
+        await other.gather(other.compute(bag))
+        await async_poll_for(lambda: seen["submitting"], timeout=10)
+    assert seen["registering"] == []
 
 
 # ---------------------------------------------------------------- 3. scale-in

@@ -1,13 +1,14 @@
 """Routing logic, on in-process clusters (distributed's gen_cluster)."""
 
 import asyncio
+import logging
 from collections import Counter
 
 import dask
 import dask.bag as db
 import pytest
 from distributed import Worker
-from distributed.utils_test import async_poll_for, gen_cluster
+from distributed.utils_test import async_poll_for, captured_logger, gen_cluster
 
 import dask_context as dc
 from dask_context import ContextSpec
@@ -149,8 +150,11 @@ async def test_registering_twice(c, s, a):
     assert await dc.register(c, spec("A")) == {"A": "added"}
     # the identical spec again (a re-run script) changes nothing
     assert await dc.register(c, spec("A")) == {"A": "unchanged"}
-    with pytest.raises(dc.DuplicateContextError, match="'A' is already registered with a different kwargs"):
+    with captured_logger("distributed.core", level=logging.ERROR) as log, \
+            pytest.raises(dc.DuplicateContextError, match="'A' is already registered with a different kwargs"):
         await dc.register(c, spec("A", seconds=1.0))
+    # the user's mistake is not an error of the scheduler
+    assert "Exception while handling op" not in log.getvalue()
     assert await dc.register(c, spec("A", seconds=0.1), spec("B"), replace=True) == {
         "A": "replaced", "B": "added"}
     assert len([p for p in s.plugins if p == "dask-context"]) == 1

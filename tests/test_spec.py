@@ -45,6 +45,7 @@ def test_tokens_are_deterministic_and_name_what_differs():
         ({"name": "m", "loader": loader, "device": "gpu"}, ValueError, "device of context 'm'"),
         ({"name": "m", "loader": loader, "memory": -1}, ValueError, "memory of context 'm'"),
         ({"name": "m", "loader": loader, "memory": "lots"}, ValueError, "lots"),
+        ({"name": "m", "loader": loader, "load_time": "-5"}, ValueError, "load_time of context 'm'"),
     ],
 )
 def test_bad_specs_name_the_problem(kwargs, error, match):
@@ -69,3 +70,55 @@ def test_specs_pickle_with_lambdas():
     spec = ContextSpec("m", lambda: {"x": 1}, memory=10)
     clone = pickle.loads(pickle.dumps(spec))
     assert clone.loader() == {"x": 1} and clone.memory == 10
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("memory", "5 parsecs",
+         "memory of context 'x' must be a size in bytes or like '2 GiB', got '5 parsecs'"),
+        ("memory", "", "memory of context 'x' must be a size in bytes or like '2 GiB', got ''"),
+        ("memory", True, "memory of context 'x' must be a size in bytes or like '2 GiB', got True"),
+        ("memory", [1], "memory of context 'x' must be a size in bytes or like '2 GiB', got [1]"),
+        ("memory", float("nan"),
+         "memory of context 'x' must be a size in bytes or like '2 GiB', got nan"),
+        ("memory", -1, "memory of context 'x' must be >= 0, got -1"),
+        ("load_time", "5 parsecs",
+         "load_time of context 'x' must be a duration in seconds or like '30s', got '5 parsecs'"),
+        ("load_time", "5min",
+         "load_time of context 'x' must be a duration in seconds or like '30s', got '5min'"),
+        ("load_time", "", "load_time of context 'x' must be a duration in seconds or like '30s', got ''"),
+        ("load_time", [1],
+         "load_time of context 'x' must be a duration in seconds or like '30s', got [1]"),
+        ("load_time", float("inf"),
+         "load_time of context 'x' must be a duration in seconds or like '30s', got inf"),
+        ("load_time", -1, "load_time of context 'x' must be >= 0, got -1"),
+    ],
+)
+def test_bad_sizes_and_durations_name_the_context_and_field(field, value, expected):
+    with pytest.raises(ValueError) as info:
+        ContextSpec("x", loader, **{field: value})
+    assert str(info.value) == expected
+    # never the parser's own KeyError or message
+    assert type(info.value) is ValueError
+
+
+def test_sizes_and_durations_parse_as_before():
+    spec = ContextSpec("x", loader, memory="1e3", load_time="5 minutes")
+    assert (spec.memory, spec.load_time) == (1000, 300)
+    spec = ContextSpec("x", loader, memory=2.5e9, load_time=2)
+    assert (spec.memory, spec.load_time) == (2_500_000_000, 2)
+    assert ContextSpec("x", loader, memory=0, load_time=0).memory == 0
+
+
+def test_a_declared_context_with_a_bad_field_names_the_setting_the_context_and_field():
+    from dask_context.errors import SettingError
+    from dask_context.spec import from_config
+
+    entry = {"name": "x", "loader": "builtins:dict", "load_time": "5 parsecs"}
+    with pytest.raises(SettingError) as info:
+        from_config(entry, "dask-context.contexts[0]")
+    assert str(info.value) == (
+        "dask-context.contexts[0] ('x'): load_time of context 'x' must be a duration in "
+        "seconds or like '30s', got '5 parsecs'"
+    )
