@@ -4,6 +4,7 @@ and send the tasks that need it to the workers that hold it."""
 import multiprocessing
 
 from dask_context import (
+    _logging,
     config,  # noqa: F401  (merges the YAML defaults into dask.config)
     dashboard,
 )
@@ -19,11 +20,14 @@ from dask_context.errors import (
     UnknownContextError,
 )
 from dask_context.preemption import drain, request_drain
+from dask_context.resume import CorruptPartitionError, resumable
 from dask_context.scheduler import ContextRouter
 from dask_context.spec import ContextSpec
 from dask_context.worker import ContextPlugin, get_context
 
 __version__ = "0.1.0"
+
+_logging.setup()
 
 if multiprocessing.current_process().name == "MainProcess":
     # the Contexts page on the dashboard of every scheduler this process starts from
@@ -39,6 +43,7 @@ __all__ = [
     "ContextRouter",
     "ContextSpec",
     "ContextTooLargeError",
+    "CorruptPartitionError",
     "DuplicateContextError",
     "NotRegisteredError",
     "UnknownContextError",
@@ -49,6 +54,7 @@ __all__ = [
     "register",
     "report",
     "request_drain",
+    "resumable",
     "unregister",
     "use",
 ]

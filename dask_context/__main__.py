@@ -1,9 +1,11 @@
 """The main job: fact verification on a LocalCluster with a generated model.
 
-``python -m dask_context`` verifies claims with a small Llama-style model that it
-writes to ``.dask-context-cache/`` first (random weights: nothing is downloaded, and
+python -m dask_context verifies claims with a small Llama-style model that it
+writes to .dask-context-cache/ first (random weights: nothing is downloaded, and
 its verdicts mean nothing, often all one label; the job shows the mechanics and the
-timings). It writes the verdicts to ``--out`` and prints where.
+timings). It writes the verdicts to --out and prints where.
+
+It needs the llm extra (torch and transformers): pip install "dask-context[llm]".
 """
 
 from __future__ import annotations
@@ -80,15 +82,24 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dask_context", description=__doc__)
-    parser.add_argument("--claims", type=int, default=500)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=10, help="claims per task")
+    # the module docstring is plain text, shown as written
+    parser = argparse.ArgumentParser(
+        prog="python -m dask_context", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--claims", type=int, default=500, metavar="N",
+                        help="how many claims to generate and verify (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="process workers of the LocalCluster, one thread each (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=10, metavar="N",
+                        help="claims per task (default: %(default)s)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--cache", default=".dask-context-cache", help="where the model is written")
     parser.add_argument("--out", default="verdicts.jsonl", help="where the verdicts are written (JSON lines)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
+    # other libraries' warnings (transformers...); dask-context's own lines are
+    # formatted like distributed's already (dask_context._logging)
     logging.basicConfig(level=logging.WARNING)
     summary = run(args.claims, args.workers, args.batch, args.preset, args.cache, args.out,
                   show_progress=not args.json)

@@ -25,7 +25,38 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TESTED = (Version("2026.7.0"), Version("2026.9.0"))
+TESTED = (Version("2025.12.0"), Version("2026.9.0"))
+
+
+def require_supported(dask_version: str, distributed_version: str) -> None:
+    """Refuse dask or distributed releases outside ``TESTED`` (what pyproject.toml states).
+
+    Called when this module is imported: the internals used here change between
+    releases, and a router that misreads them would misplace tasks, not fail.
+
+    Raises
+    ------
+    ImportError
+        Naming the supported range and what is installed.
+
+    Examples
+    --------
+    >>> require_supported("2026.8.0", "2026.8.0")
+    >>> require_supported("2025.11.0", "2025.11.0")
+    Traceback (most recent call last):
+    ...
+    ImportError: dask-context supports dask and distributed >=2025.12.0,<2026.9.0; installed: dask 2025.11.0, distributed 2025.11.0. Install a supported release, e.g. pip install "distributed>=2025.12.0,<2026.9.0" (it pins the matching dask)
+    """
+    low, high = TESTED
+    if not all(low <= Version(v) < high for v in (dask_version, distributed_version)):
+        raise ImportError(
+            f"dask-context supports dask and distributed >={low},<{high}; installed: "
+            f"dask {dask_version}, distributed {distributed_version}. Install a supported "
+            f'release, e.g. pip install "distributed>={low},<{high}" (it pins the matching dask)'
+        )
+
+
+require_supported(__import__("dask").__version__, distributed.__version__)
 
 # Restricting a task to an address no worker has parks it in the scheduler's
 # ``no-worker`` state (the empty set would mean "unrestricted"). Context tasks wait
@@ -377,3 +408,96 @@ def torch_if_imported() -> Any:
     import torch
 
     return torch
+
+
+# ---------------------------------------------------------------- DataFrames
+def callables_in(spec: Any, depth: int = 0) -> Iterator[Any]:
+    """The callables in a task's spec: its function, those of the tasks fused into
+    it, and those passed as arguments (how dask-expr hands a user's function to
+    ``apply_and_enforce`` or ``methodcaller("apply")``).
+
+    Examples
+    --------
+    >>> from dask._task_spec import Alias, Task
+    >>> def f(x): ...
+    >>> fused = Task.fuse(Task("a", len, "abc"), Task("b", map, f, Alias("a")), key="b")
+    >>> [c.__name__ for c in callables_in(fused) if c is f]
+    ['f']
+    """
+    from dask._task_spec import DataNode, Task
+
+    if depth > 8:
+        return
+    if isinstance(spec, Task):
+        yield spec.func
+        for arg in (*spec.args, *spec.kwargs.values()):
+            yield from callables_in(arg, depth + 1)
+    elif isinstance(spec, DataNode):
+        yield from callables_in(spec.value, depth + 1)
+    elif isinstance(spec, dict):
+        if len(spec) <= 1000:
+            for value in spec.values():
+                yield from callables_in(value, depth + 1)
+    elif isinstance(spec, (list, tuple)):
+        if len(spec) <= 1000:
+            for value in spec:
+                yield from callables_in(value, depth + 1)
+    elif callable(spec) and not isinstance(spec, type):
+        yield spec
+
+
+def wrap_expr_functions(expr: Any, wrap: Any) -> Any:
+    """``expr`` (a dask-expr expression) with ``wrap(f)`` for each user function
+    among its own operands (``map_partitions``'s ``func``, ``apply``'s ``function``,
+    ``map``'s ``arg``, ``groupby().apply``'s ``func``); the same ``expr`` when it has
+    none. ``wrap`` returns its argument when it leaves it alone."""
+    substitutions = {}
+    # operands past _parameters are variadic (extra arguments): never the function
+    for name, value in zip(getattr(expr, "_parameters", ()), getattr(expr, "operands", ()), strict=False):
+        if callable(value) and not isinstance(value, type) and _user_callable(value):
+            wrapped = wrap(value)
+            if wrapped is not value:
+                substitutions[name] = wrapped
+    return expr.substitute_parameters(substitutions) if substitutions else expr
+
+
+def hook_dataframes(on_new: Any) -> bool:
+    """Pass the expression of every DataFrame or Series built from now on through
+    ``on_new(expr, annotations)``, which returns the expression to use.
+
+    dask.dataframe (query planning) ignores ``dask.annotate``: ``FrameBase.__init__``
+    (every new collection goes through it) warns once per process that annotations
+    "will be ignored". ``on_new`` carries what it handles into the expression
+    itself; while a ``context`` annotation is the only one set, the warning would be
+    wrong and is not given. Idempotent; False where dask.dataframe is unavailable.
+    """
+    try:
+        from dask.dataframe.dask_expr import _collection
+    except ImportError:  # no pandas
+        return False
+    base = _collection.FrameBase
+    original = base.__init__
+    if getattr(original, "_dask_context_hook", False):
+        return True
+
+    def __init__(self: Any, expr: Any) -> None:
+        import dask
+
+        annotations = dask.get_annotations()
+        if not annotations:
+            return original(self, expr)
+        expr = on_new(expr, annotations)
+        if set(annotations) - {"context"}:
+            return original(self, expr)  # annotations it does not carry: Dask's warning holds
+        warn = getattr(_collection, "_WARN_ANNOTATIONS", None)
+        _collection._WARN_ANNOTATIONS = False
+        try:
+            original(self, expr)
+        finally:
+            if warn is not None:
+                _collection._WARN_ANNOTATIONS = warn
+
+    __init__._dask_context_hook = True  # type: ignore[attr-defined]
+    __init__.__wrapped__ = original  # type: ignore[attr-defined]
+    base.__init__ = __init__
+    return True

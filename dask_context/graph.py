@@ -12,12 +12,25 @@ wraps the optimiser in place there: the wrapper runs it unchanged and, only when
 input graph had ``context`` annotations, gives them back to the tasks they became
 (a fused task inherits the context of the tasks fused into it; aliases, which only
 point at another task's result, get none).
+
+DataFrames (dask.dataframe with query planning) keep no annotations at all: their
+expressions are optimised, fused and turned into tasks on the scheduler, and
+Dask warns that annotations "will be ignored". There the mark travels with the
+user's function instead: a DataFrame or Series built inside ``use(name)`` gets
+its own functions (``map_partitions``, ``apply``, ``map``, ``groupby().apply``...)
+wrapped in :class:`Routed`, which calls the function unchanged, and the
+scheduler's router finds the wrapper in the spec of each task that calls it,
+however it was fused (:func:`marked_context`). Reading, shuffling, aggregating
+and writing steps carry no wrapper: they are routed only where dask.dataframe fuses
+them into a task that calls the function (reading a partition, typically).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Hashable, Mapping
+from functools import update_wrapper
 from typing import Any
 
 import dask.config
@@ -28,10 +41,15 @@ ANNOTATION = "context"
 
 
 def install() -> None:
-    """Wrap the bag and array optimisers so that context annotations survive them.
+    """Wrap the bag and array optimisers so that context annotations survive them,
+    and mark the functions of DataFrames built under a ``context`` annotation.
 
-    Idempotent; a setting of ``False`` (no optimisation) is left alone.
+    Idempotent; a setting of ``False`` (no optimisation) is left alone. DataFrames
+    are hooked only once something imported ``dask.dataframe`` (importing it here
+    would import pandas into every program that calls ``use()``).
     """
+    if "dask.dataframe" in sys.modules:
+        _compat.hook_dataframes(_mark_frame)
     defaults = {"bag_optimize": ("dask.bag.core", "optimize"),
                 "array_optimize": ("dask.array.optimization", "optimize")}
     for key, (module, attr) in defaults.items():
@@ -125,3 +143,75 @@ def _context_of(key: Hashable, task: Any, contexts: Mapping[Hashable, Any]) -> A
         if k in contexts:
             return contexts[k]
     return None
+
+
+class Routed:
+    """A user function that needs context ``context``: calls it unchanged.
+
+    The mark of a DataFrame's tasks, found by :func:`marked_context` in the spec of
+    every task that calls the function. It keeps the function's name, so task keys
+    and groups read as they would unwrapped, and its token depends on both.
+
+    Parameters
+    ----------
+    func
+        The user's function.
+    context
+        The name of the context it needs.
+
+    Examples
+    --------
+    >>> def score(x):
+    ...     return x + 1
+    >>> marked = Routed(score, "verifier")
+    >>> marked(1), marked.__name__, marked.context
+    (2, 'score', 'verifier')
+    """
+
+    def __init__(self, func: Callable[..., Any], context: str):
+        self.func = func
+        self.context = context
+        update_wrapper(self, func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # update_wrapper filled __dict__ (__wrapped__, the function's own
+        # attributes): pickle only what rebuilds it
+        return (Routed, (self.func, self.context))
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        from dask.base import tokenize
+
+        return ("dask-context-routed", self.context, tokenize(self.func))
+
+    def __repr__(self) -> str:
+        return f"Routed({getattr(self.func, '__qualname__', self.func)!r}, {self.context!r})"
+
+
+def marked_context(spec: Any) -> str | None:
+    """The context a task's spec is marked with by a :class:`Routed` function, if any.
+
+    Examples
+    --------
+    >>> from dask._task_spec import Task
+    >>> def score(x): ...
+    >>> marked_context(Task("k", Routed(score, "verifier"), 1)), marked_context(Task("k", score, 1))
+    ('verifier', None)
+    """
+    for func in _compat.callables_in(spec):
+        if isinstance(func, Routed):
+            return func.context
+    return None
+
+
+def _mark_frame(expr: Any, annotations: Mapping[str, Any]) -> Any:
+    context = annotations.get(ANNOTATION)
+    if not isinstance(context, str):
+        return expr
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        return func if isinstance(func, Routed) else Routed(func, context)
+
+    return _compat.wrap_expr_functions(expr, wrap)

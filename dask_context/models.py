@@ -4,6 +4,10 @@ generator of small random checkpoints for tests, examples and benchmarks.
 Nothing here downloads: :func:`load_causal_lm` reads a local directory with
 ``local_files_only=True``, and :func:`make_model` writes one from a config with
 small dimensions, random weights and a word-level tokenizer it builds itself.
+
+torch and transformers (the ``llm`` extra; transformers 4.56 and later, 5.x
+included) are imported only when a model is built or loaded: importing this module,
+or ``dask_context``, imports neither.
 """
 
 from __future__ import annotations
@@ -21,6 +25,21 @@ import numpy as np
 from dask.sizeof import sizeof
 
 logger = logging.getLogger(__name__)
+
+LLM_EXTRA = 'pip install "dask-context[llm]" (GPU users: install their CUDA build of torch first)'
+
+
+def _import_llm() -> tuple[Any, Any]:
+    """torch and transformers, or an ImportError that says how to install them."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"dask_context.models needs torch and transformers ({e}): {LLM_EXTRA}") from e
+    # the checkpoint's shards are written and read in tests, examples and workers:
+    # their progress bars would only clutter the logs
+    transformers.utils.logging.disable_progress_bar()
+    return torch, transformers
 
 # Llama-style decoder sizes. "tiny" is ~0.4 MB (tests); "bench" is 106 M parameters,
 # 423 MB of float32 weights (benchmarks). From a warm page cache safetensors maps even
@@ -62,6 +81,7 @@ def build_tokenizer(words: Sequence[str] = WORDS) -> Any:
     Returns a ``transformers`` fast tokenizer that pads on the left, as batched
     next-token scoring with a decoder needs.
     """
+    _import_llm()
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -104,16 +124,18 @@ def make_model(path: str | os.PathLike[str], preset: str = "tiny", seed: int = 0
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     path = Path(path)
-    recipe = {"preset": preset, "seed": seed, **PRESETS[preset], **overrides}
+    # "format" 2: a tokenizer that transformers 4.x loads too (directories written
+    # before are written again)
+    recipe = {"preset": preset, "seed": seed, "format": 2, **PRESETS[preset], **overrides}
     marker = path / "dask-context-model.json"
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         return path
 
-    import torch
+    torch, _ = _import_llm()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
-    dims = {k: v for k, v in recipe.items() if k not in ("preset", "seed")}
+    dims = {k: v for k, v in recipe.items() if k not in ("preset", "seed", "format")}
     dims["vocab_size"] = max(dims["vocab_size"], len(tokenizer))
     config = LlamaConfig(
         **dims,
@@ -132,6 +154,12 @@ def make_model(path: str | os.PathLike[str], preset: str = "tiny", seed: int = 0
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # transformers 5 names the class "TokenizersBackend", which 4.x cannot
+        # load; both know it as PreTrainedTokenizerFast
+        config_file = tmp / "tokenizer_config.json"
+        tok_config = json.loads(config_file.read_text())
+        tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_file.write_text(json.dumps(tok_config, indent=2))
         (tmp / "dask-context-model.json").write_text(json.dumps(recipe))
         if marker.exists() and json.loads(marker.read_text()) == recipe:
             return path  # another process wrote the same model meanwhile
@@ -204,11 +232,9 @@ def load_causal_lm(path: str | os.PathLike[str], device: str = "cpu", dtype: str
 
         spec = ContextSpec("verifier", load_causal_lm, args=["/models/llm"])
     """
-    import torch
+    torch, _ = _import_llm()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(

@@ -45,7 +45,7 @@ from dask.utils import parse_timedelta
 from distributed import SchedulerPlugin
 from tornado.ioloop import PeriodicCallback
 
-from dask_context import _compat, config, dashboard
+from dask_context import _compat, config, dashboard, graph
 from dask_context.adaptive import Scaling
 from dask_context.errors import UnknownContextError, error_payload
 from dask_context.metrics import register_collector, unregister_collector
@@ -68,6 +68,13 @@ logger = logging.getLogger(__name__)
 
 # topic of the warnings the router has for users; register() shows them on the client
 WARNINGS = "dask-context-warnings"
+
+# a re-plan runs at most every scheduler.interval, and no more often than every
+# REPLAN_SHARE times its own duration (at most 5% of the scheduler's time); one asked
+# for by a context no worker serves, every MIN_REPLAN_GAP s or URGENT_SHARE durations
+REPLAN_SHARE = 20
+MIN_REPLAN_GAP = 0.02
+URGENT_SHARE = 5
 
 # worker settings that are the cluster's policy (a worker added later takes them from
 # the cluster's workers), as opposed to the worker's own hardware (device, node...)
@@ -152,6 +159,13 @@ class ContextRouter(SchedulerPlugin):
         self._background: set[asyncio.Task] = set()
         self._wake_pending = False
         self._replan_wanted = True
+        self._last_replan = -math.inf
+        self._replan_seconds = 0.0
+        # workers to feed (their slots opened), contexts with new tasks, and
+        # workers known to have a free slot
+        self._dirty_workers: set[str] = set()
+        self._dirty_contexts: set[str] = set()
+        self._free: set[str] = set()
         self._ticks = 0
         self._page = False
         self.prefetch = int(config.get("scheduler.prefetch"))
@@ -233,8 +247,12 @@ class ContextRouter(SchedulerPlugin):
         try:
             replies = await self.scheduler.broadcast(msg={"op": "dask_context_state"}, on_error="return")
             for address, reply in replies.items():
-                if isinstance(reply, dict):
-                    self.worker_joined(address, **reply)
+                w = self.state.workers.get(address)
+                if isinstance(reply, dict) and w is not None:
+                    # a repair takes the worker's word even over a record that claims
+                    # to be newer: that claim may be what went wrong
+                    self._apply(w, reply, force=repair)
+            self.wake(replan=True)
             if repair:
                 await self._reinstall()
         finally:
@@ -362,16 +380,16 @@ class ContextRouter(SchedulerPlugin):
             return
         self._show_page()
         self._apply(self.state.add_worker(worker, self.scheduler.workers[worker].nthreads), snapshot)
-        self.wake(replan=True)
+        self.wake(replan=True, worker=worker)
 
-    def _apply(self, w: WorkerRecord, snapshot: dict[str, Any]) -> bool:
+    def _apply(self, w: WorkerRecord, snapshot: dict[str, Any], force: bool = False) -> bool:
         """Make the record of ``w`` what the worker says it has, unless a newer
-        snapshot was applied already (see ``WorkerContexts.state``).
+        snapshot was applied already (see ``WorkerContexts.state``) and not ``force``.
 
         Returns whether it was applied.
         """
         seq = snapshot.get("seq")
-        if seq is None or seq <= w.seq:
+        if seq is None or (seq <= w.seq and not force):
             return False
         w.seq = seq
         st = self.state
@@ -380,7 +398,7 @@ class ContextRouter(SchedulerPlugin):
             # a context registered by hand (its worker plugin alone) becomes known here
             if name not in st.contexts and name not in self._unregistered:
                 st.add_context(info)
-        w.specs = {name: info["token"] for name, info in snapshot["specs"].items()}
+        st.set_specs(w, {name: info["token"] for name, info in snapshot["specs"].items()})
         w.resident = {c: int(n) for c, n in snapshot["resident"].items() if c in st.contexts}
         w.host = {c: int(n) for c, n in snapshot["host"].items() if c in st.contexts}
         w.loading = {c for c in snapshot["loading"] if c in st.contexts}
@@ -486,6 +504,17 @@ class ContextRouter(SchedulerPlugin):
                 if ts is not None and self._known(name, client) and self._routable(ts, client):
                     self._route(ts, name)
                     routed.append(key)
+            if self.state.contexts:
+                # DataFrames keep no annotations: the mark is on the user's function
+                # in the task's spec (graph.Routed), however dask-expr fused it
+                for key in tasks:
+                    ts = scheduler.tasks.get(key)
+                    if ts is None or ts.key in self.state.tasks:
+                        continue
+                    name = graph.marked_context(ts.run_spec)
+                    if name is not None and self._known(name, client) and self._routable(ts, client):
+                        self._route(ts, name, annotate=True)
+                        routed.append(key)
             if self.learned:
                 for key in tasks:
                     ts = scheduler.tasks.get(key)
@@ -553,7 +582,8 @@ class ContextRouter(SchedulerPlugin):
             w = st.left_worker(task)
             if finish == "memory":
                 self._finished(task, w, kwargs.get("startstops"))
-            self.wake()
+            if w is not None:
+                self.wake(worker=w.address)
         elif start == "no-worker":
             st.dequeue(task)
         if finish == "no-worker":
@@ -561,7 +591,7 @@ class ContextRouter(SchedulerPlugin):
             _compat.park(ts)  # a placement that did not happen leaves {address}
             st.enqueue(task)
             # a context nobody serves yet needs a plan now, not at the next tick
-            self.wake(replan=not st.contexts[task.context].allowed)
+            self.wake(replan=not st.contexts[task.context].allowed, context=task.context)
         elif finish == "processing":
             ws = self.scheduler.tasks[task.key].processing_on
             if ws is not None:
@@ -649,7 +679,7 @@ class ContextRouter(SchedulerPlugin):
                 "Loading context %r failed on %s (%s); its tasks go to other workers",
                 name, w.address, msg.get("error"),
             )
-        self.wake(replan=True)
+        self.wake(replan=True, worker=w.address)
 
     # ------------------------------------------------------------ learning
     def _learn(self, group: str, name: str) -> None:
@@ -705,19 +735,36 @@ class ContextRouter(SchedulerPlugin):
         self.wake(replan=True)
 
     # ------------------------------------------------------------ routing
-    def wake(self, replan: bool = False) -> None:
-        """Feed workers (and re-plan first, if asked) once the current handler ends."""
+    def wake(self, replan: bool = False, worker: str | None = None, context: str | None = None) -> None:
+        """Route once the current handler ends: feed ``worker`` (its slots opened),
+        the workers that may serve ``context`` (it has new tasks), and re-plan first
+        if asked (at most once per ``scheduler.interval`` unless a context with
+        queued tasks has no worker at all).
+        """
         self._replan_wanted |= replan
+        if worker is not None:
+            self._dirty_workers.add(worker)
+        if context is not None:
+            self._dirty_contexts.add(context)
         if not self._wake_pending:
             self._wake_pending = True
             self.scheduler.loop.add_callback(self._run)
 
     def _periodic(self) -> None:
         self._ticks += 1
-        self._replan_wanted = True
+        now = time.monotonic()
+        self.state.expire_failures(now, self.retry)
+        # queued work may be worth spreading as its backlog grows; with none, only
+        # stale choices and over-full workers are left to tidy, now and then
+        self._replan_wanted |= bool(self.state.queued) or self._ticks % 5 == 0
+        # workers whose slots opened without a routed task leaving them (plain tasks
+        # finished there) are fed here: a scan of the workers, a few times a second
+        self._dirty_workers.update(
+            ws.address for ws in _compat.running_workers(self.scheduler)
+            if _compat.processing_count(ws) < ws.nthreads
+        )
         if self._ticks % 5 == 0:
             self._reconcile(full=self._ticks % 25 == 0)
-        now = time.monotonic()
         if self.state.contexts and now - self._last_survey > self.reconcile_interval and any(
             c.waiting for c in self.state.contexts.values()
         ):
@@ -733,15 +780,29 @@ class ContextRouter(SchedulerPlugin):
     def _run(self) -> None:
         self._wake_pending = False
         try:
-            self.state.expire_failures(time.monotonic(), self.retry)
-            self._fail_hopeless()
-            if self._replan_wanted:
+            if self.state.failing:
+                self._fail_hopeless()
+            now = time.monotonic()
+            since = now - self._last_replan
+            # a plan looks at every worker: on a large cluster it runs less often, so
+            # that planning never takes more than a small share of the scheduler
+            if self._replan_wanted and (
+                since >= max(self.interval, REPLAN_SHARE * self._replan_seconds)
+                or (since >= max(MIN_REPLAN_GAP, URGENT_SHARE * self._replan_seconds)
+                    and self._unserved())
+            ):
                 self._replan_wanted = False
+                self._last_replan = now
                 self._replan()
                 self._warm_up()
+                self._replan_seconds = time.monotonic() - now
             self._feed()
         except Exception:
             self._fail_safe("routing", self._all_waiting())
+
+    def _unserved(self) -> bool:
+        """Whether a context with queued tasks has no worker to go to."""
+        return any(not self.state.contexts[c].allowed for c in self.state.queued)
 
     def views(self, routing: bool = True) -> tuple[dict[str, ContextView], dict[str, WorkerView]]:
         """Plain-data views for the policies.
@@ -755,6 +816,7 @@ class ContextRouter(SchedulerPlugin):
         records = {a: st.workers[a] for a in running if a in st.workers}
         contexts = {}
         now = time.monotonic()
+        draining = {a for a, w in records.items() if w.draining}
         for c, ctx in st.contexts.items():
             head = st.head(ctx)
             # a measured load against a guessed duration would warm workers on no
@@ -768,7 +830,8 @@ class ContextRouter(SchedulerPlugin):
                 nbytes=ctx.size(),
                 allowed=frozenset(ctx.allowed),
                 first=head.priority if head is not None else (),
-                excluded=frozenset(a for a, w in records.items() if not self._can_load(w, ctx)),
+                # the workers _can_load refuses, from indexes kept as they change
+                excluded=frozenset(ctx.lacking.union(ctx.failed_on, draining)),
                 waited=now - ctx.since if ctx.since is not None else 0.0,
                 failing=bool(ctx.failed_on) and not any(
                     c in st.workers[a].resident for a in ctx.allowed if a in st.workers
@@ -833,6 +896,7 @@ class ContextRouter(SchedulerPlugin):
                     ctx.warmups += 1
                 logger.debug("Context %r may now run on %s", name, address)
             ctx.allowed |= added
+            self._dirty_workers |= added
         for address, victims in plan.evict.items():
             w = st.workers[address]
             for name in victims:
@@ -900,33 +964,43 @@ class ContextRouter(SchedulerPlugin):
         task.add_done_callback(self._background.discard)
 
     def _feed(self) -> None:
-        """Hand queued context tasks to allowed workers with free slots."""
+        """Hand queued context tasks to the workers whose slots opened and to free
+        workers of the contexts that got new tasks.
+
+        Only those are looked at: the work per event does not grow with the
+        workers or the contexts of the cluster.
+        """
         st = self.state
-        serving: dict[str, list[ContextRecord]] = defaultdict(list)
-        for ctx in st.contexts.values():
-            if ctx.waiting:
-                for address in ctx.allowed:
-                    serving[address].append(ctx)
+        candidates, self._dirty_workers = self._dirty_workers, set()
+        contexts, self._dirty_contexts = self._dirty_contexts, set()
+        for name in contexts:
+            ctx = st.contexts.get(name)
+            if ctx is None or not ctx.waiting:
+                continue
+            free = self._free
+            small, large = (ctx.allowed, free) if len(ctx.allowed) < len(free) else (free, ctx.allowed)
+            candidates.update(a for a in small if a in large)
         placements: list[tuple[TaskState, str]] = []
-        for address, contexts in serving.items():
+        for address in candidates:
             ws = self.scheduler.workers.get(address)
             w = st.workers.get(address)
             if ws is None or w is None or w.draining or not _compat.is_running(self.scheduler, ws):
+                self._free.discard(address)
                 continue
             # only warm contexts: a worker loads a context before it gets any of its
             # tasks, so that a worker lost (or preempted) during a load takes no task
             # with it and no thread waits for a load
-            usable = [c for c in contexts if c.name in w.resident and self._can_load(w, c)]
-            if not usable:
-                continue
+            usable = [
+                ctx for c in w.resident
+                if (ctx := st.contexts.get(c)) is not None and ctx.waiting
+                and address in ctx.allowed and self._can_load(w, ctx)
+            ]
             # prefetch only while there is work for every worker serving these
             # contexts: at the tail, a prefetched task would wait behind a running
             # one while another warm worker idles
-            queued = sum(c.waiting for c in usable)
-            peers = len(set().union(*(c.allowed for c in usable)))
-            extra = self.prefetch if queued > peers else 0
+            extra = self.prefetch if any(c.waiting > len(c.allowed) for c in usable) else 0
             free = ws.nthreads + extra - _compat.processing_count(ws)
-            while free > 0:
+            while free > 0 and usable:
                 heads = [(t.priority, t.seq, c) for c in usable if (t := st.head(c)) is not None]
                 if not heads:
                     break
@@ -939,6 +1013,10 @@ class ContextRouter(SchedulerPlugin):
                     continue
                 placements.append((ts, address))
                 free -= 1
+            if free > 0:
+                self._free.add(address)
+            else:
+                self._free.discard(address)
         if placements:
             _compat.send(self.scheduler, placements, f"dask-context-feed-{time.time()}")
 
@@ -946,8 +1024,9 @@ class ContextRouter(SchedulerPlugin):
         """Fail the queued tasks of contexts whose load failed everywhere it was tried."""
         st = self.state
         running = {ws.address for ws in _compat.running_workers(self.scheduler)}
-        for ctx in st.contexts.values():
-            if not ctx.waiting or ctx.error is None or not ctx.failed_on:
+        for name in list(st.failing):
+            ctx = st.contexts[name]
+            if not ctx.waiting or ctx.error is None:
                 continue
             serving = any(w.holds(ctx.name) for w in st.workers.values())
             if load_failed_everywhere(ctx.failed_on.keys(), running, serving, self.failed_limit):

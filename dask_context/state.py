@@ -144,6 +144,8 @@ class ContextRecord:
     #: waiting tasks per task prefix (their durations are estimated per prefix)
     by_prefix: Counter[str] = field(default_factory=Counter)
     allowed: set[str] = field(default_factory=set)
+    #: workers without this spec set up (another token, or none): they cannot serve it
+    lacking: set[str] = field(default_factory=set)
     #: measured: exponential average of load seconds, latest size in bytes
     load_time: float | None = None
     nbytes: int | None = None
@@ -182,6 +184,10 @@ class RouterState:
         self.contexts: dict[str, ContextRecord] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.tasks: dict[Hashable, RoutedTask] = {}
+        #: contexts with tasks waiting, and contexts whose load failed lately: the
+        #: routing loop looks at these instead of at every context
+        self.queued: set[str] = set()
+        self.failing: set[str] = set()
         self._seq = itertools.count()
 
     # ------------------------------------------------------------ contexts
@@ -196,12 +202,16 @@ class RouterState:
             # a new spec under the same name: warm copies are of the old one and
             # the workers' plugins are being replaced; queued tasks carry over
             ctx.queue, ctx.waiting, ctx.by_prefix = old.queue, old.waiting, old.by_prefix
+        ctx.lacking = {a for a, w in self.workers.items() if w.specs.get(ctx.name) != ctx.token}
         self.contexts[ctx.name] = ctx
+        self.failing.discard(ctx.name)
         return ctx
 
     def remove_context(self, name: str) -> list[RoutedTask]:
         """Drop a context everywhere; return its tasks (the caller fails or frees them)."""
         self.contexts.pop(name)
+        self.queued.discard(name)
+        self.failing.discard(name)
         for w in self.workers.values():
             for table in (w.specs, w.resident, w.host, w.chosen, w.last_used, w.tasks, w.failed):
                 table.pop(name, None)
@@ -218,7 +228,18 @@ class RouterState:
         w = self.workers.get(address)
         if w is None:
             w = self.workers[address] = WorkerRecord(address, nthreads)
+            for ctx in self.contexts.values():
+                ctx.lacking.add(address)
         return w
+
+    def set_specs(self, w: WorkerRecord, specs: dict[str, str]) -> None:
+        """The specs set up on ``w`` (name -> token), as the worker says."""
+        w.specs = specs
+        for ctx in self.contexts.values():
+            if specs.get(ctx.name) == ctx.token:
+                ctx.lacking.discard(w.address)
+            else:
+                ctx.lacking.add(w.address)
 
     def remove_worker(self, address: str) -> None:
         """Forget a worker; its tasks come back through the scheduler as usual."""
@@ -227,6 +248,7 @@ class RouterState:
             return
         for ctx in self.contexts.values():
             ctx.allowed.discard(address)
+            ctx.lacking.discard(address)
             ctx.staged.pop(address, None)
             if ctx.reader == address:
                 ctx.reader = None
@@ -239,6 +261,7 @@ class RouterState:
     def exclude(self, ctx: ContextRecord, address: str, when: float) -> None:
         """A load of ``ctx`` failed on ``address``: it stops serving the context."""
         ctx.failed_on[address] = when
+        self.failing.add(ctx.name)
         ctx.allowed.discard(address)
         w = self.workers.get(address)
         if w is not None:
@@ -247,13 +270,16 @@ class RouterState:
             w.loading.discard(ctx.name)
 
     def expire_failures(self, now: float, retry: float) -> None:
-        for ctx in self.contexts.values():
+        for name in list(self.failing):
+            ctx = self.contexts[name]
             for address, when in list(ctx.failed_on.items()):
                 if now - when >= retry:
                     del ctx.failed_on[address]
                     w = self.workers.get(address)
                     if w is not None:
                         w.failed.pop(ctx.name, None)
+            if not ctx.failed_on:
+                self.failing.discard(name)
 
     # ------------------------------------------------------------ tasks
     def route(self, key: Hashable, context: str, group: str, prefix: str, priority: tuple) -> RoutedTask:
@@ -269,6 +295,7 @@ class RouterState:
         heapq.heappush(ctx.queue, (task.priority, task.seq, task))
         if not ctx.waiting:
             ctx.since = time.monotonic()
+            self.queued.add(ctx.name)
         ctx.waiting += 1
         ctx.by_prefix[task.prefix] += 1
         if task.sent:
@@ -289,6 +316,7 @@ class RouterState:
         if not ctx.waiting:
             ctx.queue.clear()
             ctx.since = None
+            self.queued.discard(ctx.name)
 
     def head(self, ctx: ContextRecord) -> RoutedTask | None:
         """The most urgent waiting task of ``ctx`` (stale heap entries are dropped)."""

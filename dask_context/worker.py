@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
 from distributed import Reschedule, WorkerPlugin, get_worker
+from distributed.core import Status
 from distributed.utils import key_split_group
 
 from dask_context import _compat, config, devices
@@ -72,6 +73,10 @@ class ContextPlugin(WorkerPlugin):
         await contexts.add(self.spec)
 
     async def teardown(self, worker: Worker) -> None:
+        if worker.status in (Status.closing, Status.closed):
+            # the process is going away with its memory: unloading would only delay
+            # the exit its nanny waits for
+            return
         contexts = worker.extensions.get(EXTENSION)
         if isinstance(contexts, WorkerContexts):
             await contexts.remove(self.spec.name)

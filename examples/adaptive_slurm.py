@@ -12,11 +12,13 @@
 # adapt replaces the job.
 #
 # It needs a SLURM cluster that runs jobs on this machine (`sudo .ci/start-slurm.sh`
-# starts a one-node one) and exits non-zero when anything goes wrong.
+# starts a one-node one) and the llm extra (`pip install "dask-context[llm]"`), and
+# exits non-zero when anything goes wrong.
 
 # %%
 from __future__ import annotations
 
+import argparse
 import atexit
 import logging
 import os
@@ -32,11 +34,20 @@ import dask
 import dask.bag as db
 from dask_jobqueue import SLURMCluster
 from distributed import Client
-from transformers.utils import logging as transformers_logging
 
 import dask_context
 from dask_context.factcheck import make_claims, verify
 from dask_context.models import load_causal_lm, make_model
+
+# --help describes the script and exits before anything starts; unknown arguments
+# are left alone (a Jupyter kernel passes its own)
+argparse.ArgumentParser(
+    description="Fact verification on an adaptive SLURM cluster: ContextAdaptive scales "
+    "worker jobs from zero, each worker loads the model once, a preempted job is "
+    "replaced and nothing is lost, and the cluster scales back to zero. Needs a "
+    "SLURM cluster that runs jobs on this machine (sudo .ci/start-slurm.sh starts a "
+    "one-node one). Exits non-zero when anything goes wrong.",
+).parse_known_args()
 
 logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
 
@@ -85,7 +96,6 @@ atexit.register(subprocess.run, ["scancel", "--name", JOB_NAME], check=False)
 # downloaded). With a real model, point `load_causal_lm` at its directory instead.
 
 # %%
-transformers_logging.disable_progress_bar()
 workdir = Path(tempfile.mkdtemp(prefix="dask-context-example-"))
 model_dir = make_model(workdir / "tiny", preset="tiny")
 claims = make_claims(480, seed=1)

@@ -5,18 +5,19 @@ every task (and every later computation, script or client), and the scheduler
 sends the tasks to the workers that hold it. Run it again against the same cluster:
 the model is still warm there, and nothing loads again.
 
-Run it as it is (a LocalCluster and a small random model generated on the spot)::
+Run it as it is (a LocalCluster and a small random model generated on the spot):
 
     python examples/fact_verification.py
 
-or on your own cluster, model and claims::
+or on your own cluster, model and claims:
 
     python examples/fact_verification.py --scheduler tcp://host:8786 \\
-        --model /path/to/local/checkpoint --claims claims.txt --out verdicts.jsonl
+        --model /path/to/local/checkpoint --claims-file claims.txt --out verdicts.jsonl
 
-``--model`` takes any local causal-LM checkpoint that ``transformers`` can load with
-``from_pretrained``; nothing is downloaded. The generated model has random weights,
+--model takes any local causal-LM checkpoint that transformers can load with
+from_pretrained; nothing is downloaded. The generated model has random weights,
 so its verdicts mean nothing (often all the same label): it shows the mechanics.
+Needs the llm extra: pip install "dask-context[llm]".
 """
 
 from __future__ import annotations
@@ -37,16 +38,29 @@ from dask_context.models import load_causal_lm, make_model
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scheduler", help="address of a running Dask scheduler")
-    parser.add_argument("--model", help="local checkpoint directory (default: generate one)")
-    parser.add_argument("--claims", help="text file, one claim per line (default: generate 300)")
-    parser.add_argument("--out", help="write verdicts here as JSON lines")
-    parser.add_argument("--batch", type=int, default=8, help="claims per task")
+    # the docstring is plain text, shown as written (with its usage examples)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="address of a running Dask scheduler (default: start a LocalCluster)")
+    parser.add_argument("--model", metavar="DIR", help="local checkpoint directory (default: generate one)")
+    # one convention with python -m dask_context: --claims is a count, a file is --claims-file
+    claims_source = parser.add_mutually_exclusive_group()
+    claims_source.add_argument("--claims", type=int, default=300, metavar="N",
+                               help="how many claims to generate (default: %(default)s)")
+    claims_source.add_argument("--claims-file", metavar="PATH",
+                               help="verify these claims instead: a text file, one claim per line")
+    parser.add_argument("--out", metavar="PATH", help="write verdicts here as JSON lines")
+    parser.add_argument("--batch", type=int, default=8, metavar="N",
+                        help="claims per task (default: %(default)s)")
     args = parser.parse_args()
 
     model = args.model or str(make_model(Path(".dask-context-cache") / "model-tiny", "tiny"))
-    claims = Path(args.claims).read_text().splitlines() if args.claims else make_claims(300)
+    if args.claims_file:
+        claims = Path(args.claims_file).read_text().splitlines()
+    else:
+        claims = make_claims(args.claims)
 
     if args.scheduler:
         client = Client(args.scheduler)

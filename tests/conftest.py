@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -38,3 +39,13 @@ def slurm_available() -> bool:
         return False
     r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, check=False)
     return r.returncode == 0 and any(s in r.stdout for s in ("idle", "mixed", "alloc"))
+
+
+@pytest.fixture(autouse=True)
+def _dask_context_logs_reach_caplog():
+    """dask_context's loggers do not propagate outside tests (as distributed's own,
+    see dask_context._logging); caplog listens on the root logger."""
+    logger = logging.getLogger("dask_context")
+    old, logger.propagate = logger.propagate, True
+    yield
+    logger.propagate = old

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import dask_context
 
@@ -87,3 +88,16 @@ def logged_blob(name: str, log: str, nbytes: int = 1000, seconds: float = 0.0) -
     with open(log, "a") as f:
         f.write(f"{name} {start} {time.monotonic()}\n")
     return out
+
+
+def verdict_columns(part: Any, context: str = "verifier") -> Any:
+    """DataFrame task: the claims of a partition with the warm model's verdicts."""
+    from dask_context.factcheck import verify
+
+    out = verify(list(part["claim"]), context)
+    return part.assign(verdict=[v["verdict"] for v in out], logprob=[v["logprob"] for v in out])
+
+
+def tag_with_context(value: int, name: str) -> str:
+    """Row task (``Series.apply``): the value, tagged with context ``name``'s name."""
+    return f"{dask_context.get_context(name)['name']}:{value}"

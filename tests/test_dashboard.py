@@ -9,6 +9,7 @@ saves the page of the first browser test there.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -131,11 +132,14 @@ def test_the_page_follows_the_report_without_a_browser():
 
 
 # ---------------------------------------------------------------- in a browser
-# CI sets DASK_CONTEXT_REQUIRE_BROWSER=1: there a missing chromium fails the tests
+# CI sets DASK_CONTEXT_REQUIRE_BROWSER=1: there a missing chromium (or Playwright, the
+# test-browser extra) fails the tests
 REQUIRE_BROWSER = os.environ.get("DASK_CONTEXT_REQUIRE_BROWSER") == "1"
+PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None and not REQUIRE_BROWSER,
-    reason="chromium is not installed (apt-get install -y chromium)",
+    (CHROMIUM is None or not PLAYWRIGHT) and not REQUIRE_BROWSER,
+    reason="chromium or Playwright is not installed "
+           '(apt-get install -y chromium; pip install -e ".[test-browser]")',
 )
 
 
@@ -144,6 +148,8 @@ def browser(tmp_path):
     """A headless Chromium with a fresh profile (Playwright's browser context)."""
     if CHROMIUM is None:
         pytest.fail("DASK_CONTEXT_REQUIRE_BROWSER=1 but chromium is not installed (apt-get install -y chromium)")
+    if not PLAYWRIGHT:
+        pytest.fail('DASK_CONTEXT_REQUIRE_BROWSER=1 but Playwright is not installed (pip install -e ".[test-browser]")')
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

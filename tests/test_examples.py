@@ -41,7 +41,7 @@ def test_fact_verification_example(tmp_path):
     out_file = tmp_path / "verdicts.jsonl"
     claims = tmp_path / "claims.txt"
     claims.write_text("the danube flows through vienna in 1900\nthe thames flows through rome in 2001\n")
-    out = run([str(ROOT / "examples" / "fact_verification.py"), "--claims", str(claims), "--out", str(out_file)], cwd=tmp_path)
+    out = run([str(ROOT / "examples" / "fact_verification.py"), "--claims-file", str(claims), "--out", str(out_file)], cwd=tmp_path)
     verdicts = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [v["claim"] for v in verdicts] == claims.read_text().splitlines()
     assert all(v["verdict"] in {"SUPPORTED", "REFUTED", "NOT ENOUGH INFO"} for v in verdicts)

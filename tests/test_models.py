@@ -46,3 +46,10 @@ def test_tokenizer_pads_left_and_knows_the_prompt_words():
     batch = tok(["claim : the danube", "answer"], padding=True)
     assert batch["input_ids"][1][0] == tok.pad_token_id
     assert tok.unk_token_id not in tok("is the claim true , false or unknown ?")["input_ids"]
+
+
+def test_generated_tokenizer_loads_with_transformers_4_and_5(model_dir):
+    # 5.x would name it TokenizersBackend, a class 4.x does not have; CI loads the
+    # same kind of checkpoint with 4.x (.ci/run, the oldest-release venv)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"

@@ -140,6 +140,8 @@ def _corrupt(dask_scheduler, how: str) -> None:
     for w in router.state.workers.values():
         w.specs.clear()
         w.resident.clear()
+        # and no snapshot of the worker's own is taken as newer than these records
+        w.seq = 10**9
     for ctx in router.state.contexts.values():
         ctx.allowed.clear()
         if how == "token":

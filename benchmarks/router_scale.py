@@ -1,0 +1,262 @@
+"""Router cost against cluster size: a real Scheduler, the real router, simulated workers.
+
+    python -m benchmarks.router_scale                          # 16 .. 1024 workers, 1 and 100 contexts
+    python -m benchmarks.router_scale --workers 16 256 --contexts 1 --tasks 5000 --json
+
+Each simulated worker is a few lines of asyncio that speak distributed's worker
+protocol over in-process comms (``inproc://``): it registers with the scheduler like
+a ``Worker`` does, announces the contexts it holds warm to the router (a
+``dask_context_worker`` call with a snapshot, as ``WorkerContexts`` makes one), and
+answers every ``compute-task`` with ``task-finished`` at once. So the scheduler runs
+its whole transition engine and every hook of the router, and nothing else: no task
+code, no data transfer (results are never gathered), no event loop of a thousand
+real workers. Workers hold one context each, round-robin (several when contexts outnumber
+workers).
+
+Per size it runs the same tasks twice on a fresh cluster: marked with ``use()`` (the
+router places them) and unmarked with no router at all (plain Dask), and reports
+the time spent inside the router's methods per task (every hook, handler and
+callback, measured by wrapping them), the same without the scheduler's own
+transitions that placing a task runs (plain Dask runs those too, in its own
+placement), and the wall time against plain Dask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import time
+from collections import defaultdict
+from typing import Any
+
+import dask
+from distributed import Client, Scheduler
+from distributed.comm import connect
+from distributed.comm.inproc import global_manager
+
+import dask_context
+from dask_context import _compat
+from dask_context.scheduler import ContextRouter
+
+SEND = "scheduler transitions placing routed tasks"
+
+NTHREADS = 1
+# what a worker's get_metrics() sends, at rest
+METRICS = {
+    "task_counts": {}, "bandwidth": {"total": 1e8, "workers": {}, "types": {}},
+    "digests_total_since_heartbeat": {}, "managed_bytes": 0,
+    "spilled_bytes": {"memory": 0, "disk": 0},
+    "transfer": {"incoming_bytes": 0, "incoming_count": 0, "incoming_count_total": 0,
+                 "outgoing_bytes": 0, "outgoing_count": 0, "outgoing_count_total": 0},
+    "event_loop_interval": 0.02, "memory": 10**8, "cpu": 0.0, "time": 0.0,
+}
+
+
+class SimulatedWorker:
+    """A worker that runs every task it is sent in no time, over an inproc comm."""
+
+    def __init__(self, scheduler: str, address: str, contexts: list[str], tokens: dict[str, str]):
+        self.scheduler = scheduler
+        self.address = address
+        self.contexts = contexts
+        self.tokens = tokens
+        self.comm: Any = None
+        self.reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.comm = await connect(self.scheduler)
+        await self.comm.write({
+            "op": "register-worker", "reply": False, "address": self.address,
+            "status": "running", "nthreads": NTHREADS, "name": self.address,
+            "now": time.time(), "resources": {}, "memory_limit": 2**34,
+            "local_directory": "/tmp", "services": {}, "nanny": None, "pid": 0,
+            "versions": {}, "metrics": METRICS, "extra": {}, "server_id": self.address,
+            "stimulus_id": f"simulated-{time.time()}",
+        })
+        response = await self.comm.read()
+        assert response["status"] == "OK", response
+        self.reader = asyncio.create_task(self._serve())
+
+    async def announce(self, rpc: Any) -> None:
+        snapshot = {
+            "seq": 1, "budget": float("inf"), "device": "cpu", "job": None,
+            "specs": {c: {"name": c, "token": self.tokens[c]} for c in self.tokens},
+            "resident": {c: 1000 for c in self.contexts}, "loading": [], "host": {},
+        }
+        await rpc.dask_context_worker(worker=self.address, **snapshot)
+
+    async def _serve(self) -> None:
+        while True:
+            msgs = await self.comm.read()
+            replies = []
+            for msg in msgs if isinstance(msgs, list) else [msgs]:
+                if msg.get("op") == "compute-task":
+                    now = time.time()
+                    replies.append({
+                        "op": "task-finished", "key": msg["key"], "run_id": msg["run_id"],
+                        "status": "OK", "nbytes": 28, "type": None, "typename": "int",
+                        "metadata": {}, "thread": 0,
+                        "startstops": [{"action": "compute", "start": now, "stop": now}],
+                        "stimulus_id": f"simulated-finished-{now}",
+                    })
+                elif msg.get("op") == "close":
+                    return
+            if replies:
+                await self.comm.write(replies)
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.comm is not None:
+            await self.comm.close()
+
+
+def instrument(router: ContextRouter) -> dict[str, float]:
+    """Wrap every method of the router (and its scaling helper) to time it."""
+    spent: dict[str, float] = defaultdict(float)
+    depth = [0]
+
+    def timed(fn: Any, name: str) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if depth[0]:
+                return fn(*args, **kwargs)
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+                depth[0] -= 1
+        return wrapper
+
+    # placing a task runs the scheduler's own transitions (as plain Dask's placement
+    # does): timed apart, so that the router's own work can be told from Dask's
+    send = _compat.send
+
+    def timed_send(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return send(*args, **kwargs)
+        finally:
+            spent[SEND] += time.perf_counter() - start
+
+    _compat.send = timed_send
+    for obj in (router, router.scaling):
+        for name in dir(type(obj)):
+            fn = getattr(obj, name, None)
+            if name.startswith("__") or not callable(fn) or asyncio.iscoroutinefunction(fn):
+                continue
+            setattr(obj, name, timed(fn, f"{type(obj).__name__}.{name}"))
+    return spent
+
+
+def holdings(nworkers: int, names: list[str]) -> list[list[str]]:
+    """Contexts each worker holds warm: one each, round-robin, and every context
+    held somewhere (several per worker when contexts outnumber workers).
+
+    >>> holdings(2, ["a", "b", "c"]), holdings(3, ["a"])
+    ([['a', 'c'], ['b']], [['a'], ['a'], ['a']])
+    """
+    if len(names) <= nworkers:
+        return [[names[i % len(names)]] for i in range(nworkers)]
+    return [names[i::nworkers] for i in range(nworkers)]
+
+
+def _touch(x: int, context: str) -> int:
+    return x
+
+
+send_untimed = _compat.send
+
+
+async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[str, Any]:
+    names = [f"c{i}" for i in range(ncontexts)]
+    specs = [dask_context.ContextSpec(n, dict) for n in names]
+    tokens = {s.name: s.token for s in specs}
+    async with Scheduler(protocol="inproc", dashboard_address=None, validate=False) as s:
+        workers = [
+            SimulatedWorker(s.address, "inproc://" + global_manager.new_address(), held, tokens)
+            for held in holdings(nworkers, names)
+        ]
+        await asyncio.gather(*(w.start() for w in workers))
+        async with Client(s.address, asynchronous=True) as client:
+            spent: dict[str, float] = {}
+            if routed:
+                router = ContextRouter(specs)
+                await client.register_plugin(router)
+                router = s.plugins["dask-context"]
+                spent = instrument(router)
+                # the scheduler took these before the wrapping: hand it the timed ones
+                s.handlers["dask_context_worker"] = router.worker_joined
+                s.periodic_callbacks["dask-context"].callback = router._periodic
+                await asyncio.gather(*(w.announce(s.rpc(s.address)) for w in workers))
+            per = ntasks // ncontexts
+            await asyncio.sleep(0.5)  # the announcements are handled: time only the tasks
+            spent.clear()
+            start = time.perf_counter()
+            futures = []
+            for n in names:
+                fn = functools.partial(_touch, context=n)
+                if routed:
+                    with dask_context.use(n):
+                        futures += client.map(fn, range(per), key=[f"{n}-{i}" for i in range(per)])
+                else:
+                    futures += client.map(fn, range(per), key=[f"{n}-{i}" for i in range(per)])
+            await client.wait_for_workers(nworkers)
+            from distributed import wait
+            await wait(futures)
+            wall = time.perf_counter() - start
+            spent = dict(spent)  # what the teardown costs is not the tasks' cost
+            done = len(futures)
+            del futures
+        await asyncio.gather(*(w.close() for w in workers))
+    if routed:
+        _compat.send = send_untimed
+    transitions = spent.pop(SEND, 0.0)
+    inside = sum(spent.values())
+    return {
+        "workers": nworkers, "contexts": ncontexts, "tasks": done, "routed": routed,
+        "wall_s": round(wall, 3), "router_s": round(inside, 4),
+        "router_us_per_task": round(1e6 * inside / done, 1),
+        "own_us_per_task": round(1e6 * (inside - transitions) / done, 1),
+        "top": sorted(((round(v * 1e6 / done, 1), k) for k, v in spent.items()), reverse=True)[:6],
+    }
+
+
+def main() -> None:
+    import logging
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1, 100])
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args()
+    # the active memory manager and heartbeats would talk to workers that are not there
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False,
+                          "distributed.scheduler.worker-ttl": None}):
+        for ncontexts in args.contexts:
+            for nworkers in args.workers:
+                plain = asyncio.run(run(nworkers, ncontexts, args.tasks, routed=False))
+                routed = asyncio.run(run(nworkers, ncontexts, args.tasks, routed=True))
+                routed["vs_plain"] = round(routed["wall_s"] / plain["wall_s"], 2)
+                routed["plain_wall_s"] = plain["wall_s"]
+                if args.json:
+                    print(json.dumps(routed), flush=True)
+                else:
+                    print(
+                        f"{nworkers:5d} workers {ncontexts:4d} contexts: "
+                        f"{routed['router_us_per_task']:7.1f} us/task in the router "
+                        f"({routed['own_us_per_task']:.1f} without Dask's transitions), wall "
+                        f"{routed['wall_s']:.2f} s vs plain {plain['wall_s']:.2f} s "
+                        f"({routed['vs_plain']:.2f}x)  top: {routed['top'][:3]}",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
