@@ -35,7 +35,7 @@ from dask_context.worker import router_present
 if TYPE_CHECKING:
     from distributed.scheduler import WorkerState
 
-    from dask_context.scheduler import ContextRouter
+    from dask_context._observers import RouterView
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Scaling:
         The :class:`~dask_context.scheduler.ContextRouter` it works for.
     """
 
-    def __init__(self, router: ContextRouter):
+    def __init__(self, router: RouterView):
         self.router = router
         self.keep_warm = config.get_seconds("adaptive.keep-warm")
         self.startup_time = config.get_seconds("adaptive.startup-time")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes, format_time
 
-from dask_context.scheduler import ContextRouter
+from dask_context._protocol import ROUTER_NAME
 
 if TYPE_CHECKING:
     from bokeh.document import Document
@@ -134,7 +134,7 @@ def _build(scheduler: Scheduler, doc: Document) -> None:
 
 def _router_report(scheduler: Scheduler) -> dict[str, Any] | None:
     """The router's report, or None while no router runs on ``scheduler``."""
-    router = scheduler.plugins.get(ContextRouter.name)
+    router = scheduler.plugins.get(ROUTER_NAME)
     return router.report() if router is not None else None
 
 

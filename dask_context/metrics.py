@@ -23,7 +23,7 @@ from distributed.http.prometheus import PrometheusCollector
 from dask_context.state import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from dask_context.scheduler import ContextRouter
+    from dask_context._observers import RouterView
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def cumulative(counts: Sequence[int]) -> list[tuple[str, int]]:
 class ContextCollector(PrometheusCollector):
     """Reads a :class:`~dask_context.scheduler.ContextRouter`'s state on each scrape."""
 
-    def __init__(self, router: ContextRouter):
+    def __init__(self, router: RouterView):
         super().__init__(router.scheduler)
         self.router = router
         self.subsystem = "context"
@@ -151,7 +151,7 @@ class ContextCollector(PrometheusCollector):
 _REGISTERED: dict[int, ContextCollector] = {}
 
 
-def register_collector(router: ContextRouter) -> ContextCollector | None:
+def register_collector(router: RouterView) -> ContextCollector | None:
     """Add the router's collector to the global registry (None without prometheus_client).
 
     Registering again for the same router returns its collector: a router that

@@ -25,6 +25,7 @@ from distributed.core import Status
 from distributed.utils import key_split_group
 
 from dask_context import _compat, config, devices
+from dask_context._protocol import ROUTER_METADATA, TOPIC
 from dask_context.cache import ContextCache, plain_key
 from dask_context.errors import NotRegisteredError, UnknownContextError, error_payload
 from dask_context.spec import ContextSpec
@@ -35,10 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TOPIC = "dask-context"
 EXTENSION = "dask-context"
-# scheduler metadata set by the scheduler plugin while it runs
-ROUTER_METADATA = ["dask-context", "router"]
 
 
 class ContextPlugin(WorkerPlugin):

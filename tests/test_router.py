@@ -17,7 +17,7 @@ from distributed import Client, Event, Worker, wait
 from distributed.utils_test import async_poll_for, gen_cluster
 
 import dask_context as dc
-import dask_context.scheduler
+import dask_context._router_loop
 from dask_context import ContextSpec
 from dask_context.state import RouterState
 from tests.loaders import always_fails, blob, fails_first_time, fails_on, where
@@ -67,14 +67,14 @@ async def test_an_error_in_routing_hands_tasks_back_to_dask(c, s, a):
     def broken(*args, **kwargs):
         raise RuntimeError("bug in the planner")
 
-    original = dask_context.scheduler.plan_routes
-    dask_context.scheduler.plan_routes = broken
+    original = dask_context._router_loop.plan_routes
+    dask_context._router_loop.plan_routes = broken
     try:
         with dc.use("A"):
             futures = c.map(identity, range(20))
         assert await c.gather(futures) == list(range(20))
     finally:
-        dask_context.scheduler.plan_routes = original
+        dask_context._router_loop.plan_routes = original
     assert not router(s).state.tasks
     assert not any(ts.worker_restrictions for ts in s.tasks.values())
 
@@ -106,13 +106,13 @@ async def test_errors_in_router_hooks_are_logged_at_error(c, s, a):
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("dask_context.scheduler").addHandler(handler)
-    original = dask_context.scheduler.plan_routes
-    dask_context.scheduler.plan_routes = lambda *a, **k: 1 / 0
+    original = dask_context._router_loop.plan_routes
+    dask_context._router_loop.plan_routes = lambda *a, **k: 1 / 0
     try:
         with dc.use("A"):
             assert await c.submit(identity, 1) == 1
     finally:
-        dask_context.scheduler.plan_routes = original
+        dask_context._router_loop.plan_routes = original
         logging.getLogger("dask_context.scheduler").removeHandler(handler)
     errors = [r for r in records if r.levelno == logging.ERROR]
     assert errors and "go back to Dask's own scheduling" in errors[0].getMessage()

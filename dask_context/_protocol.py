@@ -1,0 +1,18 @@
+"""Names the scheduler and worker sides share.
+
+Kept apart so that neither side imports the other for them: the worker plugin
+(:mod:`dask_context.worker`), the file stager (:mod:`dask_context.staging`), the
+router (:mod:`dask_context.scheduler`) and its observers all import them from here.
+"""
+
+#: topic of the events workers send the router with ``Worker.log_event``
+TOPIC = "dask-context"
+
+#: scheduler metadata key under which the router says it runs
+ROUTER_METADATA = ["dask-context", "router"]
+
+#: name of the router's scheduler plugin (``Scheduler.plugins[ROUTER_NAME]``)
+ROUTER_NAME = "dask-context"
+
+#: topic of the warnings the router has for users; register() shows them on the client
+WARNINGS = "dask-context-warnings"

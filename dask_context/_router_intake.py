@@ -1,0 +1,215 @@
+"""The router's Dask hooks: what feeds its state.
+
+``update_graph`` parks new tasks that need a context (with the marks and learned
+groups of :mod:`._router_learning`), ``transition`` follows routed tasks through
+the queue, to a worker and out, ``log_event`` takes what workers report (loads,
+evictions, failed loads, staged files, tasks that use or ignore a context) and
+``add_worker`` / ``remove_worker`` follow the cluster's membership. Each hook is
+fail-safe: an error hands the tasks concerned back to Dask
+(:meth:`~._router_guard.GuardMixin._fail_safe`). Each ends by waking the routing
+loop (:mod:`._router_loop`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
+
+from dask_context import _compat, graph
+from dask_context._protocol import TOPIC
+from dask_context._router_base import RouterBase, logger
+from dask_context.errors import error_payload
+from dask_context.state import RoutedTask, WorkerRecord, observe
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+
+def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
+    """Exponential moving average; the first sample stands alone.
+
+    >>> _ema(None, 4.0), _ema(4.0, 2.0)
+    (4.0, 3.4)
+    """
+    return new if old is None else (1 - weight) * old + weight * new
+
+def _key(key: Any) -> Hashable:
+    """Task keys arrive from workers as lists after msgpack; make them keys again."""
+    return tuple(_key(k) for k in key) if isinstance(key, list) else key
+
+
+class IntakeMixin(RouterBase):
+    """The router's Dask hooks.
+
+    Owns the measured task durations: ``durations`` (seconds per task prefix, a
+    moving average) and ``typical_duration`` (of every context task seen), which
+    :mod:`._router_views` turns into backlogs.
+    """
+
+    def _init_intake(self) -> None:
+        self.durations: dict[str, float] = {}
+        self.typical_duration: float | None = None
+
+    def update_graph(
+        self, scheduler: Scheduler, *, tasks: list[Hashable] = (),
+        annotations: dict[str, dict] | None = None, **kwargs: Any,
+    ) -> None:
+        """Park every new task that needs a context, before the scheduler places it."""
+        routed: list[Hashable] = []
+        client = kwargs.get("client")
+        try:
+            for key, name in (annotations or {}).get("context", {}).items():
+                ts = scheduler.tasks.get(key)
+                if ts is not None and self._known(name, client) and self._routable(ts, client):
+                    self._route(ts, name)
+                    routed.append(key)
+            if self.state.contexts:
+                # DataFrames keep no annotations: the mark is on the user's function
+                # in the task's spec (graph.Routed), however dask-expr fused it
+                for key in tasks:
+                    ts = scheduler.tasks.get(key)
+                    if ts is None or ts.key in self.state.tasks:
+                        continue
+                    name = graph.marked_context(ts.run_spec)
+                    if name is not None and self._known(name, client) and self._routable(ts, client):
+                        self._route(ts, name, annotate=True)
+                        routed.append(key)
+            if self.learned:
+                for key in tasks:
+                    ts = scheduler.tasks.get(key)
+                    name = self.learned.get(ts.group.name) if ts is not None else None
+                    if name is not None and self._routable(ts, client):
+                        self._route(ts, name, annotate=True)
+                        routed.append(key)
+        except Exception:
+            self._fail_safe("update_graph", routed)
+
+    def transition(self, key: Hashable, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        task = self.state.tasks.get(key)
+        if task is None:
+            return
+        try:
+            self._transition(task, start, finish, kwargs)
+        except Exception:
+            self._fail_safe("transition", [key])
+
+    def _transition(self, task: RoutedTask, start: str, finish: str, kwargs: dict[str, Any]) -> None:
+        st = self.state
+        if start == "processing":
+            w = st.left_worker(task)
+            if finish == "memory":
+                self._finished(task, w, kwargs.get("startstops"))
+            if w is not None:
+                self.wake(worker=w.address)
+        elif start == "no-worker":
+            st.dequeue(task)
+        if finish == "no-worker":
+            ts = self.scheduler.tasks[task.key]
+            _compat.park(ts)  # a placement that did not happen leaves {address}
+            st.enqueue(task)
+            # a context nobody serves yet needs a plan now, not at the next tick
+            self.wake(replan=not st.contexts[task.context].allowed, context=task.context)
+        elif finish == "processing":
+            ws = self.scheduler.tasks[task.key].processing_on
+            if ws is not None:
+                st.sent(task, ws.address)
+        elif finish == "released":
+            # lost with its worker, sent back after a failed load, or cancelled:
+            # if it runs again, it comes back through the queue
+            _compat.park(self.scheduler.tasks[task.key])
+        elif finish == "forgotten":
+            st.forget(task.key)
+
+    def _finished(self, task: RoutedTask, w: WorkerRecord | None, startstops: Any) -> None:
+        ctx = self.state.contexts[task.context]
+        ctx.tasks += 1
+        if task.load_seconds is None:
+            ctx.hits += 1
+        if w is not None:
+            w.last_used[task.context] = time.monotonic()
+        seconds = _compat.compute_seconds(startstops)
+        if seconds is not None:
+            # the task that loaded the context ran longer by the load time: take it out
+            seconds = max(0.0, seconds - (task.load_seconds or 0.0))
+            self.durations[task.prefix] = _ema(self.durations.get(task.prefix), seconds)
+            self.typical_duration = _ema(self.typical_duration, seconds, weight=0.05)
+        task.load_seconds = None
+
+    def log_event(self, topic: str, msg: Any) -> None:
+        if topic != TOPIC or not isinstance(msg, dict):
+            return
+        try:
+            self._event(msg)
+        except Exception:
+            self._fail_safe("log_event", self._all_waiting())
+
+    def _event(self, msg: dict[str, Any]) -> None:
+        st = self.state
+        w = st.workers.get(msg.get("worker"))
+        if w is None:
+            return
+        if "seq" in msg:
+            self._apply(w, msg)
+        action, name = msg.get("action"), msg.get("context")
+        if action == "uses":
+            self._learn(msg["group"], name)
+        elif action == "unused":
+            self._unlearn(msg["group"], name)
+        ctx = st.contexts.get(name)
+        if ctx is None:
+            self.wake(replan=True)
+            return
+        if action == "loaded":
+            if msg.get("from") == "host":
+                # a copy back from host memory says nothing of a load from storage
+                ctx.rewarms += 1
+            else:
+                ctx.loads += 1
+                ctx.load_seconds += msg["seconds"]
+                observe(ctx.load_buckets, msg["seconds"])
+                ctx.load_time = _ema(ctx.load_time, msg["seconds"])
+            ctx.nbytes = int(msg["nbytes"])
+            task = st.tasks.get(_key(msg.get("key")))
+            if task is not None:
+                task.load_seconds = msg["seconds"]
+        elif action == "evicted":
+            w.unchoose(name)
+            ctx.allowed.discard(w.address)
+            ctx.evictions += 1
+            ctx.unload_seconds += msg.get("seconds", 0.0)
+            observe(ctx.unload_buckets, msg.get("seconds", 0.0))
+        elif action == "staged":
+            if msg.get("token") == ctx.token:
+                ctx.staged[w.address] = msg["node"]
+            if ctx.reader == w.address:
+                ctx.reader = None
+        elif action == "unstaged":
+            ctx.staged.pop(w.address, None)
+            if ctx.reader == w.address:
+                ctx.reader = None
+        elif action == "failed":
+            ctx.failures += 1
+            ctx.error = msg.get("payload") or error_payload(RuntimeError(msg.get("error")))
+            st.exclude(ctx, w.address, time.monotonic())
+            logger.warning(
+                "Loading context %r failed on %s (%s); its tasks go to other workers",
+                name, w.address, msg.get("error"),
+            )
+        self.wake(replan=True, worker=w.address)
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self.state.add_worker(worker, scheduler.workers[worker].nthreads)
+        announced = self._announced.pop(worker, None)
+        if announced is not None:
+            self.worker_joined(worker, **announced)
+        self.wake(replan=True)
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self._announced.pop(worker, None)
+        self.scaling.worker_left(worker)
+        try:
+            self.state.remove_worker(worker)
+        except Exception:
+            self._fail_safe("remove_worker", self._all_waiting())
+        self.wake(replan=True)
