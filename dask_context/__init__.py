@@ -35,9 +35,13 @@ if multiprocessing.current_process().name == "MainProcess":
     # processes started by a nanny serve no dashboard and skip importing bokeh
     dashboard.install()
 
+# The public API: what users import from here. ContextRouter and ContextPlugin are
+# for registering by hand (client.register_plugin); the loaders are in
+# dask_context.models, drain and request_drain in dask_context.preemption. The other
+# names imported above stay importable (dask_setup is what --preload looks up) but
+# are not API; see docs/design.md for which modules are.
 __all__ = [
     "ContextAdaptive",
-    "ContextCache",
     "ContextError",
     "ContextPlugin",
     "ContextRouter",
@@ -47,13 +51,10 @@ __all__ = [
     "DuplicateContextError",
     "NotRegisteredError",
     "UnknownContextError",
-    "dask_setup",
     "delayed",
-    "drain",
     "get_context",
     "register",
     "report",
-    "request_drain",
     "resumable",
     "unregister",
     "use",
