@@ -113,7 +113,7 @@ def test_the_example_runs_twice_against_one_deployment(tmp_path, model_dir):
         for run in range(2):
             out = subprocess.run(
                 [sys.executable, str(ROOT / "examples" / "fact_verification.py"),
-                 "--scheduler", address, "--model", str(model_dir), "--claims", str(claims),
+                 "--scheduler", address, "--model", str(model_dir), "--claims-file", str(claims),
                  "--out", str(tmp_path / f"verdicts-{run}.jsonl")],
                 capture_output=True, text=True, timeout=240, cwd=tmp_path,
             )
