@@ -103,9 +103,12 @@ class RoutingMixin(RouterBase):
     def _run(self) -> None:
         self._wake_pending = False
         try:
-            if self.state.failing:
-                self._fail_hopeless()
             now = time.monotonic()
+            if self.state.failing:
+                # a failure past failed-load-retry must not fail tasks that arrive
+                # before the next tick forgets it
+                self.state.expire_failures(now, self.retry)
+                self._fail_hopeless()
             since = now - self._last_replan
             # a plan looks at every worker: on a large cluster it runs less often, so
             # that planning never takes more than a small share of the scheduler
