@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import glob
 import logging
 import os
 import statistics
@@ -280,3 +281,112 @@ def measure(path: str, *, tmp: Path, mbps: float, dtype: str, threads: int = 1,
             logger.info("Cold start, %s: all %d warm after %s s (bound %.2f s), %.0f MB from the shared storage",
                         arm, workers, f"{wall:.2f}" if wall else "-", bounds[arm], measured["shared_bytes"] / 1e6)
     return rows
+
+
+# ---------------------------------------------------------------- one peer copy's CPU
+def list_files(path: str) -> list[str]:
+    """Loader of the peer-copy measurement: the files of the staged copy (nothing read)."""
+    return sorted(os.listdir(path))
+
+
+def measure_peer_copy(size: int, *, tmp: Path, repeats: int = 3) -> dict[str, Any]:
+    """CPU seconds per GB of one peer copy, on the sending and the receiving worker.
+
+    Two worker processes, each its own node; a directory holding one file of ``size``
+    random bytes is staged on the first (from ``files``, unthrottled), then, ``repeats``
+    times, on the second from the first (the copy is removed between repeats). The
+    CPU of each process (user + system, from ``psutil``) is taken just before and
+    after each peer copy; the file is in the page cache on both sides.
+    """
+    source = tmp / "peer-copy" / "weights"
+    source.mkdir(parents=True, exist_ok=True)
+    with open(source / "model.bin", "wb") as f:
+        block = os.urandom(64 << 20)
+        for offset in range(0, size, len(block)):
+            f.write(block[: min(len(block), size - offset)])
+    samples = []
+    with node_cluster(2, 1, tmp / "peer-copy-nodes") as client:
+        sender, receiver = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        for i in range(repeats + 1):
+            spec = dask_context.ContextSpec(f"peer-copy-{i}", list_files, files=str(source))
+            dask_context.register(client, spec)
+            if i == 0:
+                client.submit(dask_context.get_context, spec.name, workers=[sender], pure=False).result()
+                dask_context.unregister(client, spec.name)
+                while glob.glob(str(tmp / "peer-copy-nodes" / "*" / spec.token)):
+                    time.sleep(0.05)
+                continue
+            # the sender's copy of this spec, from the sender's node (a local copy, no peer)
+            client.submit(dask_context.get_context, spec.name, workers=[sender], pure=False).result()
+            before = client.run(_process_cpu)
+            start = time.perf_counter()
+            client.submit(dask_context.get_context, spec.name, workers=[receiver], pure=False).result()
+            wall = time.perf_counter() - start
+            after = client.run(_process_cpu)
+            staged = [m for _, m in client.get_events("dask-context")
+                      if m.get("action") == "staged" and m.get("context") == spec.name and m.get("origin") == "peer"]
+            dask_context.unregister(client, spec.name)
+            # both copies are removed before the next copy is measured
+            while glob.glob(str(tmp / "peer-copy-nodes" / "*" / spec.token)):
+                time.sleep(0.05)
+            samples.append({
+                "wall": wall, "copy_seconds": staged[0]["seconds"] if staged else None,
+                "sender_cpu": after[sender] - before[sender], "receiver_cpu": after[receiver] - before[receiver],
+                "origin": "peer" if staged else "?",
+            })
+    gb = size / 1e9
+    med = {k: statistics.median(s[k] for s in samples) for k in ("wall", "sender_cpu", "receiver_cpu")}
+    return {
+        "bytes": size, "samples": samples, "wall": med["wall"],
+        "sender_cpu_per_gb": med["sender_cpu"] / gb, "receiver_cpu_per_gb": med["receiver_cpu"] / gb,
+        "gb_per_cpu_second": gb / (med["sender_cpu"] + med["receiver_cpu"]),
+        "gb_per_cpu_second_receiver": gb / med["receiver_cpu"],
+        "gb_per_cpu_second_sender": gb / med["sender_cpu"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    import tempfile
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.coldstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peer-copy", type=float, default=None, metavar="GB",
+                   help="only measure the CPU of one peer copy of a file of GB gigabytes between two workers")
+    p.add_argument("--repeats", type=int, default=3, help="peer copies measured (--peer-copy)")
+    p.add_argument("--preset", default="bench", help="make_model preset of the checkpoint (cold-start scenario)")
+    p.add_argument("--cache", type=Path, default=Path(__file__).resolve().parents[1] / ".dask-context-cache" / "benchmarks",
+                   help="where the generated checkpoint is kept")
+    p.add_argument("--mbps", type=float, default=300.0, help="bandwidth of the shared storage, MB/s")
+    p.add_argument("--workers", type=int, default=WORKERS, help="worker processes, one node each")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    with tempfile.TemporaryDirectory(prefix="dask-context-coldstart-") as tmp:
+        if args.peer_copy is not None:
+            out: Any = measure_peer_copy(int(args.peer_copy * 1e9), tmp=Path(tmp), repeats=args.repeats)
+            for s in out["samples"]:
+                print(f"peer copy ({s['origin']}): {s['wall']:.2f} s wall, sender {s['sender_cpu']:.2f} CPU-s, "
+                      f"receiver {s['receiver_cpu']:.2f} CPU-s")
+            print(f"{out['bytes'] / 1e9:.2f} GB: sender {out['sender_cpu_per_gb']:.2f} CPU-s/GB, receiver "
+                  f"{out['receiver_cpu_per_gb']:.2f} CPU-s/GB; {out['gb_per_cpu_second_receiver']:.2f} GB per "
+                  f"receiver CPU-second, {out['gb_per_cpu_second_sender']:.2f} per sender CPU-second "
+                  f"(a 25 Gb/s link: 3.1 GB/s)")
+        else:
+            from dask_context.models import make_model
+
+            path = str(make_model(args.cache / f"{args.preset}-seed0", preset=args.preset, seed=0))
+            out = measure(path, tmp=Path(tmp), mbps=args.mbps, dtype=args.dtype, workers=args.workers)
+            print(f"{'arm':<16} {'all warm':>9} {'bound':>7} {'storage MB':>11} {'peer MB':>8} {'worker CPU':>11}")
+            for r in out:
+                warm = f"{r['all_warm']:.2f}" if r.get("all_warm") else r["status"]
+                print(f"{r['arm']:<16} {warm:>9} {r['bound']:>7.2f} {r['shared_bytes'] / 1e6:>11.0f} "
+                      f"{r['peer_bytes'] / 1e6:>8.0f} {r['worker_cpu']:>11.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

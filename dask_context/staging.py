@@ -7,7 +7,11 @@ copy:
 
 1. a complete copy another worker of this node made is used as it is;
 2. else the copy comes from a worker that holds one (the router lists them:
-   ``dask_context_file_peers``), over Dask's worker-to-worker comms, in chunks;
+   ``dask_context_file_peers``): each file over a TCP connection of its own, which the
+   peer opens on request (``dask_context_stream``) and fills with ``sendfile`` (no
+   copy through Python), or, where that is not possible (a ``tls://`` or other
+   non-TCP cluster, a peer that cannot be reached that way), over Dask's
+   worker-to-worker comms in chunks (``dask_context_chunk``);
 3. else from ``spec.files`` itself, by one worker of the cluster at a time (the
    router grants it: ``dask_context_file_source``); the others wait for that copy and
    fetch it from its worker instead of splitting the shared filesystem's bandwidth.
@@ -16,8 +20,10 @@ A transfer that fails (the peer errs, leaves, or sends bytes that do not match) 
 on with the next peer, then with ``spec.files``. If even the copy from ``spec.files``
 cannot be made, the loader gets ``spec.files`` itself.
 
-The worker that copies from ``spec.files`` writes a manifest of every file's size and
-BLAKE2b digest; every later copy is checked against it file by file. A copy is
+The worker that copies from ``spec.files`` writes a manifest of every file's size,
+BLAKE2b digest and CRC-32; every later copy is checked against it file by file: a
+streamed copy against the CRC-32 (computed as the bytes arrive, at several GB/s), a
+copy over Dask's comms against the BLAKE2b digest. A copy is
 written into a temporary directory and renamed into place only once complete and
 checked, so a partial or corrupt copy is never used. Workers of one node take a lock
 file per spec before staging it: one makes the copy, the others then find it.
@@ -39,15 +45,21 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import hmac
 import itertools
 import json
 import logging
 import os
 import random
 import re
+import secrets
 import shutil
+import socket
+import struct
 import tempfile
+import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +67,7 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from dask.utils import format_bytes
+from distributed.comm.addressing import get_address_host, parse_address
 from distributed.core import Status
 from distributed.protocol import Serialize, to_serialize
 from distributed.utils import sync
@@ -79,7 +92,12 @@ POLL = 0.1
 MANIFEST = "manifest.json"
 ALGORITHM = "blake2b"
 """Digest of every file in a manifest: among hashlib's, the fastest on CPUs without
-SHA extensions (about 600 MB/s a core)."""
+SHA extensions (about 0.6 to 1.2 GB/s a core). Copies from ``spec.files`` compute it
+and copies over Dask's comms check it; streamed copies check the CRC-32 instead."""
+STREAM_BUFFER = 4 << 20
+"""Bytes the receiver of a stream takes from its socket at once, checks and writes:
+large enough for few system calls, small enough to stay in the CPU's caches between
+receiving, checking and writing them."""
 
 _TOKEN = re.compile(r"^[0-9a-f]{40}$")
 
@@ -111,7 +129,11 @@ class Stager:
 
     def handlers(self) -> dict[str, Any]:
         """Worker handlers serving this node's copies to peers."""
-        return {"dask_context_manifest": self.serve_manifest, "dask_context_chunk": self.serve_chunk}
+        return {
+            "dask_context_manifest": self.serve_manifest,
+            "dask_context_stream": self.serve_stream,
+            "dask_context_chunk": self.serve_chunk,
+        }
 
     # ------------------------------------------------------------ staging
     def stage(self, spec: ContextSpec) -> str:
@@ -251,25 +273,71 @@ class Stager:
                 path = PurePosixPath(top, *os.path.relpath(os.path.join(dirpath, name), source).split(os.sep))
                 # read ahead: the shared filesystem delivers the next chunk while this
                 # one is hashed and written
-                chunks = _ahead(self.read_source(os.path.join(dirpath, name)))
-                size, digest = _write(os.path.join(tmp, *path.parts), chunks)
-                entries.append({"path": str(path), "size": size, "digest": digest})
+                file = os.path.join(dirpath, name)
+                chunks = _ahead(self.read_source(file))
+                size, digest, crc = _write(os.path.join(tmp, *path.parts), chunks, expect=os.stat(file).st_size)
+                entries.append({"path": str(path), "size": size, "digest": digest, "crc32": crc})
         return {"algorithm": ALGORITHM, "files": entries}
 
     def _fetch(self, peer: str, token: str, top: str, tmp: str) -> dict[str, Any]:
-        """Fill ``tmp`` from ``peer``'s copy; return its manifest once every file matches."""
+        """Fill ``tmp`` from ``peer``'s copy; return its manifest once every file matches.
+
+        Each file is streamed (:meth:`_stream`) when the manifest has its CRC-32 and
+        the peer can stream it, else fetched in chunks over Dask's comms.
+        """
         manifest = sync(self.worker.loop, self._remote, peer, "dask_context_manifest", token=token)
         if manifest is None:
             raise StagingError(f"{peer} holds no complete copy")
         if manifest.get("algorithm") != ALGORITHM:
             raise StagingError(f"{peer} sent a manifest of {manifest.get('algorithm')!r} digests")
+        streams = parse_address(peer)[0] == "tcp"
         for entry in _entries(manifest, top):
-            size, digest = _write(os.path.join(tmp, *PurePosixPath(entry["path"]).parts),
-                                  self._chunks(peer, token, entry))
+            target = os.path.join(tmp, *PurePosixPath(entry["path"]).parts)
+            if streams and "crc32" in entry:
+                try:
+                    size, crc = self._stream(peer, token, entry, target)
+                except _NoStream as exc:
+                    # the peer cannot stream (or cannot be reached that way): its
+                    # Dask comms carry the rest
+                    logger.info("Streaming from %s is not possible (%s); fetching over Dask's comms", peer, exc)
+                    streams = False
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(target)
+                else:
+                    if (size, crc) != (entry["size"], entry["crc32"]):
+                        raise StagingError(f"{entry['path']} from {peer} does not match the manifest")
+                    continue
+            size, digest, _ = _write(target, self._chunks(peer, token, entry), expect=entry["size"])
             if (size, digest) != (entry["size"], entry["digest"]):
                 raise StagingError(f"{entry['path']} from {peer} does not match the manifest")
         return manifest
 
+    def _stream(self, peer: str, token: str, entry: dict[str, Any], target: str) -> tuple[int, int]:
+        """Receive one file from ``peer`` over a connection of its own into ``target``.
+
+        The peer listens on an ephemeral port for this one file and announces it with
+        a one-time ticket (``dask_context_stream``); this worker connects, sends the
+        ticket, and takes exactly the file's size, checking its CRC-32 as it writes.
+        Returns the bytes written and their CRC-32.
+
+        Raises
+        ------
+        _NoStream
+            The peer cannot stream, or its port cannot be reached: nothing was written.
+        """
+        offer = sync(self.worker.loop, self._remote, peer, "dask_context_stream", token=token, path=entry["path"])
+        if offer is None:
+            raise _NoStream(f"{peer} does not stream")
+        try:
+            conn = socket.create_connection((get_address_host(peer), int(offer["port"])), timeout=TIMEOUT)
+        except OSError as exc:
+            raise _NoStream(f"cannot connect to port {offer['port']} of {peer}: {exc!r}") from exc
+        with conn:
+            _blocking(conn)
+            conn.sendall(str(offer["ticket"]).encode())
+            size, _, crc = _write(target, _received(conn, entry["size"], f"{entry['path']} from {peer}"),
+                                  digest=False, expect=entry["size"])
+        return size, crc
     def _chunks(self, peer: str, token: str, entry: dict[str, Any]) -> Iterator[bytes]:
         """The chunks of one file from ``peer``, ``IN_FLIGHT`` requests ahead."""
         loop = self.worker.loop.asyncio_loop  # type: ignore[attr-defined]
@@ -300,7 +368,8 @@ class Stager:
         return await asyncio.wait_for(getattr(self.worker.rpc(peer), op)(**kwargs), TIMEOUT)
 
     def _emit(self, action: str, name: str, token: str, **extra: Any) -> None:
-        from dask_context._protocol import TOPIC
+        # imported here: dask_context.worker imports this module
+        from dask_context.worker import TOPIC
 
         self.worker.log_event(
             TOPIC, {"action": action, "context": name, "token": token, "node": self.node, **extra}
@@ -316,6 +385,30 @@ class Stager:
         """Handler: the manifest of this node's complete copy of ``token``'s files, or None."""
         return await asyncio.to_thread(_complete, self._copy_dir(token))
 
+    async def serve_stream(self, token: str, path: str) -> dict[str, Any] | None:
+        """Handler: stream a file of a copy to the one worker that connects with the ticket.
+
+        Opens a listening socket on an ephemeral port of this worker's host and
+        answers its port and a one-time ticket; a thread accepts one connection (for
+        ``TIMEOUT`` seconds), checks the ticket and sends the file with ``sendfile``
+        (the kernel copies it from the page cache to the socket). Answers None where
+        this worker does not stream: a cluster not on plain ``tcp://`` (its comms may
+        be encrypted; these connections are not), or a host it cannot listen on.
+        """
+        if parse_address(self.worker.address)[0] != "tcp":
+            return None
+        file = await asyncio.to_thread(self._served_file, token, path)
+        host = get_address_host(self.worker.address)
+        try:
+            server = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        except OSError:
+            logger.info("Cannot listen on %s to stream %s; peers fetch it over Dask's comms", host, path)
+            return None
+        ticket = secrets.token_hex(16)
+        threading.Thread(target=_serve, args=(server, ticket, file), daemon=True,
+                         name="dask-context-stream").start()
+        return {"port": server.getsockname()[1], "ticket": ticket}
+
     async def serve_chunk(self, token: str, path: str, offset: int, size: int) -> Serialize:
         """Handler: up to ``size`` bytes (at most ``CHUNK``) of a file of a copy, from ``offset``."""
         size = max(0, min(int(size), CHUNK))  # never a whole file at once: f.read(-1)
@@ -324,14 +417,97 @@ class Stager:
         return to_serialize(data)
 
     def _read_chunk(self, token: str, path: str, offset: int, size: int) -> bytes:
+        with open(self._served_file(token, path), "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def _served_file(self, token: str, path: str) -> str:
+        """The file ``path`` of this node's copy of ``token``'s files, if its manifest lists it."""
         copy = self._copy_dir(token)
         manifest = _manifest(copy)
         # only files of the manifest are served: a path from a peer reaches nothing else
         if manifest is None or path not in {e["path"] for e in manifest["files"]}:
             raise StagingError(f"no file {path!r} in the copy of {token} here")
-        with open(os.path.join(copy, *PurePosixPath(path).parts), "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        return os.path.join(copy, *PurePosixPath(path).parts)
+
+
+class _NoStream(Exception):
+    """A peer cannot stream a file (see :meth:`Stager.serve_stream`); nothing was received."""
+
+
+def _serve(server: socket.socket, ticket: str, path: str) -> None:
+    """Accept one connection on ``server``; if it sends ``ticket``, send it the file ``path``."""
+    with server:
+        server.settimeout(TIMEOUT)
+        try:
+            conn, _ = server.accept()
+        except OSError:  # nobody came: the receiver gave up, or went elsewhere
+            return
+    with conn:
+        try:
+            _blocking(conn)
+            got = b""
+            while len(got) < len(ticket) and (more := conn.recv(len(ticket) - len(got))):
+                got += more
+            if not hmac.compare_digest(got, ticket.encode()):
+                logger.warning("A connection to a stream of %s came without its ticket", path)
+                return
+            _send_file(conn, path)
+        except OSError as exc:
+            # the receiver left, or timed out: it goes elsewhere and says why
+            logger.debug("Streaming %s ended early: %r", path, exc)
+
+
+def _blocking(conn: socket.socket) -> None:
+    """Make ``conn`` blocking, its sends and receives failing after ``TIMEOUT`` seconds
+    without progress (``SO_SNDTIMEO``, ``SO_RCVTIMEO``): unlike a Python timeout, which
+    polls before every call, this lets ``recv_into(..., MSG_WAITALL)`` fill a whole
+    buffer in one system call and ``sendfile`` send a whole file in few."""
+    conn.settimeout(None)
+    timeval = struct.pack("ll", int(TIMEOUT), 0)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+
+
+def _send_file(conn: socket.socket, path: str) -> None:
+    """Send the file ``path`` on ``conn`` with ``sendfile``: the kernel moves it from the
+    page cache to the socket, nothing passes through Python. A receiver that takes
+    nothing for ``TIMEOUT`` seconds ends it (``SO_SNDTIMEO``: ``BlockingIOError``)."""
+    with open(path, "rb") as f:
+        if not hasattr(os, "sendfile"):  # pragma: no cover - not on Linux or macOS
+            conn.sendfile(f)
+            return
+        offset, size = 0, os.fstat(f.fileno()).st_size
+        while offset < size:
+            sent = os.sendfile(conn.fileno(), f.fileno(), offset, min(size - offset, 1 << 30))
+            if not sent:  # the file got shorter: the receiver sees a short stream
+                return
+            offset += sent
+
+
+def _received(conn: socket.socket, size: int, what: str) -> Iterator[memoryview]:
+    """Exactly ``size`` bytes from ``conn``, in views of one reused buffer, each valid
+    until the next is taken; the sender must then end the stream.
+
+    Raises
+    ------
+    StagingError
+        The stream ended before ``size`` bytes, or went on after them.
+    """
+    buffer = memoryview(bytearray(max(1, min(size, STREAM_BUFFER))))
+    left = size
+    while left:
+        want = min(len(buffer), left)
+        filled = 0
+        while filled < want:
+            n = conn.recv_into(buffer[filled:want], want - filled, socket.MSG_WAITALL)
+            if not n:
+                raise StagingError(f"{what}: the stream ended after {size - left + filled} of {size} bytes")
+            filled += n
+        left -= want
+        yield buffer[:want]
+    if conn.recv(1):
+        raise StagingError(f"{what}: the stream is longer than {size} bytes")
 
 
 def _dirname(files: str) -> str:
@@ -343,17 +519,38 @@ def _dirname(files: str) -> str:
     return os.path.basename(os.path.normpath(files)) or "files"
 
 
-def _write(target: str, chunks: Iterator[bytes]) -> tuple[int, str]:
-    """Write ``chunks`` to a new file ``target``; return its size and BLAKE2b digest."""
+def _write(target: str, chunks: Iterator[bytes | memoryview], digest: bool = True,
+           expect: int | None = None) -> tuple[int, str | None, int]:
+    """Write ``chunks`` to a new file ``target``; return its size, BLAKE2b digest
+    (None if not ``digest``) and CRC-32.
+
+    ``expect``: the size the file should get, allocated before writing (on this
+    machine's ext4, writing into allocated blocks takes a fifth of the CPU of
+    allocating them page by page as the writes come, and a full disk fails at once).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     size, _, crc = _write(os.path.join(tmp, "a", "f"), iter([b"abc", b"d"]), expect=9)
+    ...     on_disk = os.path.getsize(os.path.join(tmp, "a", "f"))
+    >>> size, on_disk, crc == zlib.crc32(b"abcd")
+    (4, 4, True)
+    """
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    digest = hashlib.new(ALGORITHM, digest_size=32)
-    size = 0
+    strong = hashlib.new(ALGORITHM, digest_size=32) if digest else None
+    size = crc = 0
     with open(target, "xb") as out:
+        if expect:
+            with contextlib.suppress(OSError):  # a filesystem without it: allocated as written
+                os.posix_fallocate(out.fileno(), 0, expect)
         for data in chunks:
-            digest.update(data)
-            out.write(data)
+            if strong is not None:
+                strong.update(data)
+            crc = zlib.crc32(data, crc)
+            out.write(data)  # larger than the file's buffer: written through, no copy
             size += len(data)
-    return size, digest.hexdigest()
+        if expect and size != expect:
+            out.truncate(size)  # a source that changed: the copy has what was read
+    return size, None if strong is None else strong.hexdigest(), crc
 
 
 def _ahead(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -394,6 +591,7 @@ def _entries(manifest: Any, top: str) -> list[dict[str, Any]]:
         if (
             len(path.parts) < 2 or path.parts[0] != top or ".." in path.parts
             or not isinstance(e.get("size"), int) or e["size"] < 0 or not isinstance(e.get("digest"), str)
+            or not isinstance(e.get("crc32", 0), int)
         ):
             raise StagingError(f"bad manifest entry {e!r}")
     return entries

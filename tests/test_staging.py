@@ -203,7 +203,7 @@ async def test_a_failing_peer_falls_back_to_the_files(c, s, tmp_path, shared, so
         async def broken(**kwargs):
             raise OSError("disk read error")
 
-        a.handlers["dask_context_chunk"] = broken
+        a.handlers["dask_context_stream"] = a.handlers["dask_context_chunk"] = broken
         with captured_logger("dask_context.staging", level=logging.WARNING) as log:
             got = await load_on(c, b)
         staged = await worker_events(c, "staged", 2)
@@ -213,12 +213,39 @@ async def test_a_failing_peer_falls_back_to_the_files(c, s, tmp_path, shared, so
     assert got["files"] == read_tree(str(shared))["files"]
 
 
+async def no_stream(**kwargs):
+    """A peer's answer to ``dask_context_stream`` where it cannot stream."""
+    return None
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_a_peer_that_cannot_stream_sends_the_files_over_dask_comms(c, s, tmp_path, shared):
+    await dc.register(c, spec_for(shared))
+    async with on_node(s, tmp_path, "n1") as a, on_node(s, tmp_path, "n2") as b:
+        await load_on(c, a)
+        chunks = []
+        serve = a.handlers["dask_context_chunk"]
+
+        async def counting(**kwargs):
+            chunks.append(kwargs["path"])
+            return await serve(**kwargs)
+
+        a.handlers["dask_context_stream"] = no_stream
+        a.handlers["dask_context_chunk"] = counting
+        got = await load_on(c, b)
+        staged = await worker_events(c, "staged", 2)
+    assert (staged[1]["origin"], staged[1]["peer"]) == ("peer", a.address)
+    assert "weights/model.bin" in chunks
+    assert got["files"] == read_tree(str(shared))["files"]
+
+
 @gen_cluster(client=True, nthreads=[])
 async def test_a_peer_leaving_mid_transfer_falls_back_to_the_files(c, s, tmp_path, shared, monkeypatch):
     monkeypatch.setattr(staging, "CHUNK", 16 << 10)  # many chunks: the transfer takes a while
     await dc.register(c, spec_for(shared))
     async with on_node(s, tmp_path, "n1") as a:
         await load_on(c, a)
+        a.handlers["dask_context_stream"] = no_stream  # chunks over Dask's comms
         served = []
         serve = a.handlers["dask_context_chunk"]
 
@@ -238,6 +265,58 @@ async def test_a_peer_leaving_mid_transfer_falls_back_to_the_files(c, s, tmp_pat
     assert (staged[1]["worker"], staged[1]["origin"]) == (b.address, "files")
     assert got["files"] == read_tree(str(shared))["files"]
     assert not list((tmp_path / "n2").glob(".tmp-*"))  # the partial copy is gone
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_a_stream_that_ends_early_falls_back_to_the_files(c, s, tmp_path, shared, monkeypatch):
+    def half(conn, path):
+        # the peer dies mid-file: its connection closes
+        conn.sendall(Path(path).read_bytes()[: SIZE // 2])
+
+    await dc.register(c, spec_for(shared))
+    async with on_node(s, tmp_path, "n1") as a, on_node(s, tmp_path, "n2") as b:
+        await load_on(c, a)
+        monkeypatch.setattr(staging, "_send_file", half)
+        with captured_logger("dask_context.staging", level=logging.WARNING) as log:
+            got = await load_on(c, b)
+        staged = await worker_events(c, "staged", 2)
+    assert f"the stream ended after {SIZE // 2} of {SIZE} bytes" in log.getvalue()
+    assert staged[1]["origin"] == "files"
+    assert got["files"] == read_tree(str(shared))["files"]
+    assert not list((tmp_path / "n2").glob(".tmp-*"))
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_bytes_corrupted_on_the_wire_are_caught_and_fetched_again(c, s, tmp_path, shared, monkeypatch):
+    sent = []
+    send_file = staging._send_file
+
+    def flipping(conn, path):
+        # the first transfer of the weights gets one byte flipped on its way
+        sent.append(path)
+        if path.endswith("model.bin") and sum(p.endswith("model.bin") for p in sent) == 1:
+            data = bytearray(Path(path).read_bytes())
+            data[SIZE // 3] ^= 0x01
+            conn.sendall(data)
+        else:
+            send_file(conn, path)
+
+    await dc.register(c, spec_for(shared))
+    async with on_node(s, tmp_path, "n1") as a, on_node(s, tmp_path, "n2") as b:
+        await load_on(c, a)
+        await load_on(c, b)
+        monkeypatch.setattr(staging, "_send_file", flipping)
+        async with on_node(s, tmp_path, "n3") as d:
+            with captured_logger("dask_context.staging", level=logging.WARNING) as log:
+                got = await load_on(c, d)
+            staged = await worker_events(c, "staged", 3)
+    # the corrupt copy was thrown away, and the files fetched again from the other peer
+    assert "model.bin from" in log.getvalue() and "does not match the manifest" in log.getvalue()
+    assert staged[2]["origin"] == "peer"
+    assert got["files"] == read_tree(str(shared))["files"]
+    copy = tmp_path / "n3" / spec_for(shared).token / "weights" / "model.bin"
+    assert copy.read_bytes() == (shared / "model.bin").read_bytes()
+    assert sum(p.endswith("model.bin") for p in sent) == 2
 
 
 @gen_cluster(client=True, nthreads=[])
@@ -303,8 +382,21 @@ async def test_peers_are_served_only_files_of_a_manifest(c, s, tmp_path, shared)
         assert chunk == b"layers"
         with pytest.raises(Exception, match="no file"):
             await peer.dask_context_chunk(token=token, path="weights/../../../n2", offset=0, size=10)
+        with pytest.raises(Exception, match="no file"):
+            await peer.dask_context_stream(token=token, path="weights/../../../n2")
         with pytest.raises(Exception, match="not a context token"):
             await peer.dask_context_manifest(token="../n2")
+        # a stream goes only to the connection that brings its ticket
+        offer = await peer.dask_context_stream(token=token, path="weights/config.json")
+        reader, writer = await asyncio.open_connection("127.0.0.1", offer["port"])
+        writer.write(b"0" * len(offer["ticket"]))
+        assert await reader.read() == b""
+        writer.close()
+        offer = await peer.dask_context_stream(token=token, path="weights/config.json")
+        reader, writer = await asyncio.open_connection("127.0.0.1", offer["port"])
+        writer.write(offer["ticket"].encode())
+        assert await reader.read() == b'{"layers": 2}'
+        writer.close()
         assert await peer.dask_context_manifest(token="0" * 40) is None
 
 
