@@ -12,8 +12,8 @@ Two arms:
 - ``filesystem``: the loader reads the checkpoint from the shared storage on every
   worker (no ``files=``): what happens without peer bootstrap;
 - ``peer bootstrap``: the spec has ``files=checkpoint``; one worker copies it from the
-  shared storage into its node's staging directory, the others fetch that copy over
-  Dask's worker-to-worker comms (:mod:`dask_context.staging`) and load from it.
+  shared storage into its node's staging directory, the others fetch that copy from
+  its worker (streamed with ``sendfile``, :mod:`dask_context.staging`) and load from it.
 
 Measured: seconds from registration until every worker holds the model ("all
 warm", from the workers' ``loaded`` events), and the bytes read from the shared
@@ -56,9 +56,9 @@ WORKERS = 4
 ARMS = ("filesystem", "peer bootstrap")
 NOTE = (
     "The cold-start scenario emulates its nodes on this machine: the peer copies of every "
-    "node (receiving, BLAKE2b hashing and writing each byte) share its cores and disk, "
-    "which real nodes do in parallel; the filesystem arm mostly waits on the emulated "
-    "storage, which takes no CPU."
+    "node (sending with sendfile; receiving, CRC-32 checking and writing each byte) share "
+    "its cores, memory and disk, which real nodes do in parallel; the filesystem arm mostly "
+    "waits on the emulated storage, which takes no CPU."
 )
 
 
@@ -233,6 +233,8 @@ def run_arm(client: Client, spec: dask_context.ContextSpec, storage: SharedStora
             o: statistics.median(m["seconds"] for m in staged if m["origin"] == o)
             for o in {m["origin"] for m in staged}
         },
+        "staged": [{k: m.get(k) for k in ("worker", "origin", "peer", "nbytes", "seconds")} for m in staged],
+        "loaded": {w: t - t0 for w, t in loaded.items()},
         "worker_cpu": cpu,
         "status": "ok",
     }
