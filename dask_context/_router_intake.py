@@ -108,8 +108,11 @@ class IntakeMixin(RouterBase):
             ts = self.scheduler.tasks[task.key]
             _compat.park(ts)  # a placement that did not happen leaves {address}
             st.enqueue(task)
+            ctx = st.contexts[task.context]
+            if ctx.waiting == 1:
+                self.replan_when_settled()
             # a context nobody serves yet needs a plan now, not at the next tick
-            self.wake(replan=not st.contexts[task.context].allowed, context=task.context)
+            self.wake(replan=not ctx.allowed, context=task.context)
         elif finish == "processing":
             ws = self.scheduler.tasks[task.key].processing_on
             if ws is not None:

@@ -47,6 +47,8 @@ class RoutingMixin(RouterBase):
         self._replan_wanted = True
         self._last_replan = -math.inf
         self._replan_seconds = 0.0
+        # a re-plan due at this time whatever the interval: new work has settled
+        self._replan_due = math.inf
         # workers to feed (their slots opened), contexts with new tasks, and
         # workers known to have a free slot
         self._dirty_workers: set[str] = set()
@@ -55,6 +57,7 @@ class RoutingMixin(RouterBase):
         self._ticks = 0
         self.prefetch = int(config.get("scheduler.prefetch"))
         self.interval = config.get_seconds("scheduler.interval")
+        self.settle = config.get_seconds("scheduler.settle")
         self.retry = config.get_seconds("worker.failed-load-retry")
         self.reconcile_interval = config.get_seconds("scheduler.reconcile-interval")
 
@@ -72,6 +75,14 @@ class RoutingMixin(RouterBase):
         if not self._wake_pending:
             self._wake_pending = True
             self.scheduler.loop.add_callback(self._run)
+
+    def replan_when_settled(self) -> None:
+        """New work arrived for an idle context: spread it as soon as it has
+        settled, not at the next tick (cold workers start loading then)."""
+        due = time.monotonic() + self.settle
+        if due < self._replan_due:
+            self._replan_due = due
+            self.scheduler.loop.call_later(self.settle, self.wake, True)
 
     def _periodic(self) -> None:
         self._ticks += 1
@@ -115,10 +126,12 @@ class RoutingMixin(RouterBase):
             if self._replan_wanted and (
                 since >= max(self.interval, REPLAN_SHARE * self._replan_seconds)
                 or (since >= max(MIN_REPLAN_GAP, URGENT_SHARE * self._replan_seconds)
-                    and self._unserved())
+                    and (now >= self._replan_due or self._unserved()))
             ):
                 self._replan_wanted = False
                 self._last_replan = now
+                if now >= self._replan_due:
+                    self._replan_due = math.inf
                 self._replan()
                 self._warm_up()
                 self._replan_seconds = time.monotonic() - now
@@ -134,7 +147,7 @@ class RoutingMixin(RouterBase):
         st = self.state
         self._drop_stale_choices()
         contexts, workers = self.views()
-        plan = plan_routes(contexts, workers, settle=self.interval)
+        plan = plan_routes(contexts, workers, settle=self.settle)
         now = time.monotonic()
         for name, added in plan.add.items():
             ctx = st.contexts[name]

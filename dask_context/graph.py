@@ -50,18 +50,15 @@ def install() -> None:
     """
     if "dask.dataframe" in sys.modules:
         _compat.hook_dataframes(_mark_frame)
-    defaults = {"bag_optimize": ("dask.bag.core", "optimize"),
-                "array_optimize": ("dask.array.optimization", "optimize")}
-    for key, (module, attr) in defaults.items():
+    defaults = {"bag_optimize": "dask.bag.core:optimize",
+                "array_optimize": "dask.array.optimization:optimize"}
+    for key, default in defaults.items():
         current = dask.config.config.get(key)
         if current is False or isinstance(current, KeepContexts):
             continue
-        if current is None:
-            try:
-                current = getattr(importlib.import_module(module), attr)
-            except ImportError:  # dask.array needs numpy
-                continue
-        dask.config.config[key] = KeepContexts(current)
+        # Dask's own optimiser is imported when a graph is first optimised, not here:
+        # importing dask.array would cost the first use() a third of a second
+        dask.config.config[key] = KeepContexts(current if current is not None else default)
 
 
 class KeepContexts:
@@ -73,13 +70,17 @@ class KeepContexts:
     Parameters
     ----------
     optimize
-        The optimiser it wraps, e.g. ``dask.bag.core.optimize``.
+        The optimiser it wraps, e.g. ``dask.bag.core.optimize``, or its name as
+        ``"module:function"`` (imported on first use).
     """
 
-    def __init__(self, optimize: Callable[..., Any]):
+    def __init__(self, optimize: Callable[..., Any] | str):
         self.optimize = optimize
 
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        if isinstance(self.optimize, str):
+            module, _, attr = self.optimize.partition(":")
+            self.optimize = getattr(importlib.import_module(module), attr)
         contexts = contexts_by_key(dsk)
         out = self.optimize(dsk, keys, **kwargs)
         if not contexts:
@@ -87,7 +88,9 @@ class KeepContexts:
         return annotate(out, contexts)
 
     def __repr__(self) -> str:
-        return f"KeepContexts({getattr(self.optimize, '__module__', '')}.{getattr(self.optimize, '__name__', '')})"
+        if isinstance(self.optimize, str):
+            return f"KeepContexts({self.optimize})"
+        return f"KeepContexts({getattr(self.optimize, '__module__', '')}:{getattr(self.optimize, '__name__', '')})"
 
 
 def contexts_by_key(dsk: Any) -> dict[Hashable, Any]:

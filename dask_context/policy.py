@@ -243,6 +243,18 @@ def plan_routes(
     >>> p.add, p.evict
     ({'N': {'w1'}}, {})
 
+    Once other contexts are measured, an unknown one is guessed at their size: it
+    does not squeeze in beside a warm one where only a sliver of room is left.
+
+    >>> tight = {"w1": WorkerView(budget=100, resident={"A": Resident(70, 0.0)}),
+    ...          "w2": WorkerView(budget=100, resident={"B": Resident(70, 5.0)})}
+    >>> cs = {"A": ContextView(0, 0.0, 5.0, 70, frozenset({"w1"})),
+    ...       "B": ContextView(0, 0.0, 5.0, 70, frozenset({"w2"})),
+    ...       "N": ContextView(queued=5, backlog=5.0, load_time=5.0)}
+    >>> p = plan_routes(cs, tight)
+    >>> p.add, p.evict
+    ({'N': {'w1'}}, {'w1': ['A']})
+
     A context whose load failed wherever it was tried evicts nothing either.
 
     >>> full = {"w1": WorkerView(budget=100, resident={"A": Resident(90, 0.0)})}
@@ -320,6 +332,7 @@ class _Planner:
         }
         self.resident = {w: dict(v.resident) for w, v in workers.items()}
         self.unmeasured = {w: set(v.unmeasured) for w, v in workers.items()}
+        self.typical: int | None = None
         self.plan = Plan()
 
     def serves(self, w: str) -> list[str]:
@@ -338,9 +351,10 @@ class _Planner:
     def victims(self, w: str, c: str) -> list[str] | None:
         """Contexts ``w`` must evict to hold ``c``; None if it cannot hold it.
 
-        A context of unknown size needs only some room (it is measured once loaded),
-        on a worker not loading another one; contexts being loaded or about to be
-        are never evicted.
+        A context of unknown size is guessed to be as large as the contexts measured
+        so far (the mean; with none, it needs only some room), on a worker not
+        loading another one, and is measured once loaded; contexts being loaded or
+        about to be are never evicted.
         """
         held = self.resident[w]
         if c in held:
@@ -349,7 +363,7 @@ class _Planner:
         budget = self.workers[w].budget
         if view.nbytes is None and self.unmeasured[w] and not math.isinf(budget):
             return None
-        need = 1 if view.nbytes is None else view.nbytes
+        need = self.guess(c)
         protected = {*self.serves(w), *self.workers[w].busy,
                      *(n for n, r in held.items() if math.isinf(r.last_used))}
         try:
@@ -361,6 +375,17 @@ class _Planner:
         left = sum(r.nbytes for n, r in held.items() if n not in out)
         return out if left + need <= budget else None
 
+    def guess(self, c: str) -> int:
+        """Bytes ``c`` is planned to take: measured or declared, else the mean of the
+        contexts whose size is known, else 1 (some room)."""
+        nbytes = self.contexts[c].nbytes
+        if nbytes is not None:
+            return nbytes
+        if self.typical is None:
+            known = [v.nbytes for v in self.contexts.values() if v.nbytes is not None]
+            self.typical = int(sum(known) / len(known)) if known else 1
+        return self.typical
+
     def room(self, w: str) -> float:
         return self.workers[w].budget - sum(r.nbytes for r in self.resident[w].values())
 
@@ -371,9 +396,8 @@ class _Planner:
             del self.resident[w][v]
             self.allowed.get(v, set()).discard(w)
             self.plan.evict.setdefault(w, []).append(v)
-        nbytes = self.contexts[c].nbytes
-        self.resident[w][c] = Resident(nbytes or 0, math.inf)
-        if nbytes is None:
+        self.resident[w][c] = Resident(self.guess(c), math.inf)
+        if self.contexts[c].nbytes is None:
             self.unmeasured[w].add(c)
 
     def trim(self, w: str) -> None:
