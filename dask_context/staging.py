@@ -368,8 +368,7 @@ class Stager:
         return await asyncio.wait_for(getattr(self.worker.rpc(peer), op)(**kwargs), TIMEOUT)
 
     def _emit(self, action: str, name: str, token: str, **extra: Any) -> None:
-        # imported here: dask_context.worker imports this module
-        from dask_context.worker import TOPIC
+        from dask_context._protocol import TOPIC
 
         self.worker.log_event(
             TOPIC, {"action": action, "context": name, "token": token, "node": self.node, **extra}
