@@ -328,16 +328,27 @@ class _Planner:
         self.contexts = contexts
         self.workers = workers
         self.allowed = {
-            c: (set(v.allowed) & workers.keys()) - v.excluded for c, v in contexts.items()
+            c: {w for w in v.allowed if w in workers and w not in v.excluded}
+            for c, v in contexts.items()
         }
+        # worker -> contexts with queued work it may serve, kept as allowed changes
+        self.serving: dict[str, set[str]] = {w: set() for w in workers}
+        for c, v in contexts.items():
+            if v.queued:
+                for w in self.allowed[c]:
+                    self.serving[w].add(c)
         self.resident = {w: dict(v.resident) for w, v in workers.items()}
         self.unmeasured = {w: set(v.unmeasured) for w, v in workers.items()}
         self.typical: int | None = None
         self.plan = Plan()
 
-    def serves(self, w: str) -> list[str]:
+    def serves(self, w: str) -> set[str]:
         """Contexts with queued work that ``w`` is allowed to serve."""
-        return [c for c, v in self.contexts.items() if v.queued and w in self.allowed[c]]
+        return self.serving[w]
+
+    def disallow(self, c: str, w: str) -> None:
+        self.allowed.get(c, set()).discard(w)
+        self.serving[w].discard(c)
 
     def spare(self, w: str) -> bool:
         return not self.workers[w].inflight and not self.serves(w)
@@ -391,10 +402,12 @@ class _Planner:
 
     def add(self, c: str, w: str, victims: list[str]) -> None:
         self.allowed[c].add(w)
+        if self.contexts[c].queued:
+            self.serving[w].add(c)
         self.plan.add.setdefault(c, set()).add(w)
         for v in victims:
             del self.resident[w][v]
-            self.allowed.get(v, set()).discard(w)
+            self.disallow(v, w)
             self.plan.evict.setdefault(w, []).append(v)
         self.resident[w][c] = Resident(self.guess(c), math.inf)
         if self.contexts[c].nbytes is None:
@@ -411,7 +424,7 @@ class _Planner:
         victims = choose_victims(held, 0, budget, protected)
         for v in victims:
             del self.resident[w][v]
-            self.allowed.get(v, set()).discard(w)
+            self.disallow(v, w)
             self.plan.evict.setdefault(w, []).append(v)
 
     def eligible(self, c: str) -> list[str]:
