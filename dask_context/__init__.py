@@ -10,8 +10,8 @@ from dask_context import (
 )
 from dask_context.adaptive import ContextAdaptive
 from dask_context.api import delayed, register, report, unregister, use
-from dask_context.cache import ContextCache
-from dask_context.deploy import dask_setup
+from dask_context.cache import ContextCache as ContextCache  # importable, not API
+from dask_context.deploy import dask_setup as dask_setup  # --preload looks it up
 from dask_context.errors import (
     ContextError,
     ContextTooLargeError,
@@ -19,7 +19,7 @@ from dask_context.errors import (
     NotRegisteredError,
     UnknownContextError,
 )
-from dask_context.preemption import drain, request_drain
+from dask_context.preemption import drain as drain, request_drain as request_drain
 from dask_context.resume import CorruptPartitionError, resumable
 from dask_context.scheduler import ContextRouter
 from dask_context.spec import ContextSpec

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from distributed import Client, LocalCluster
 
 from dask_context.models import make_model
 
@@ -49,3 +50,12 @@ def _dask_context_logs_reach_caplog():
     old, logger.propagate = logger.propagate, True
     yield
     logger.propagate = old
+
+
+@pytest.fixture
+def client():
+    """A LocalCluster of two process workers with one thread each, and its client."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
+        yield client

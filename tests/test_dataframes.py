@@ -16,7 +16,6 @@ pd = pytest.importorskip("pandas")
 pytest.importorskip("pyarrow")
 dd = pytest.importorskip("dask.dataframe")
 
-from distributed import Client, LocalCluster  # noqa: E402
 
 import dask_context as dc  # noqa: E402
 from dask_context import graph  # noqa: E402
@@ -75,14 +74,6 @@ def test_functions_of_a_frame_built_inside_use_are_marked_without_warning(warn_a
 def test_other_annotations_still_get_dasks_warning(warn_again):
     with pytest.warns(UserWarning, match=IGNORED), dask.annotate(retries=2):
         frame().map_partitions(double)
-
-
-@pytest.fixture
-def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
-        yield client
 
 
 def test_parquet_pipeline_is_routed_end_to_end(client, model_dir, tmp_path, warn_again, recwarn):

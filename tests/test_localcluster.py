@@ -18,14 +18,6 @@ from dask_context.models import load_causal_lm, make_model
 from tests.loaders import blob, use_context, verify_slowly
 
 
-@pytest.fixture
-def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
-        yield client
-
-
 def loads_per_worker(client, name):
     events = client.get_events("dask-context")
     return Counter(e["worker"] for _, e in events if e["action"] == "loaded" and e["context"] == name)

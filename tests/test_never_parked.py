@@ -9,6 +9,7 @@ with no error (issue 16), on real process workers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
 import subprocess
@@ -197,7 +198,7 @@ def test_estimates_ten_times_too_small_load_one_at_a_time_within_budget(tmp_path
         assert all(f.status == "finished" for f in futures)
         report = dask_context.report(client)
     spans = sorted((float(s), float(e)) for _, s, e in (line.split() for line in log.read_text().splitlines()))
-    assert all(s2 >= e1 for (_, e1), (s2, _) in zip(spans, spans[1:])), spans
+    assert all(s2 >= e1 for (_, e1), (s2, _) in itertools.pairwise(spans)), spans
     (worker,) = report["workers"].values()
     assert sum(worker["resident"].values()) <= int(size * 1.5)
     assert sum(c["failures"] for c in report["contexts"].values()) == 0
