@@ -19,7 +19,8 @@ from dask_context.errors import (
     NotRegisteredError,
     UnknownContextError,
 )
-from dask_context.preemption import drain as drain, request_drain as request_drain
+from dask_context.preemption import drain as drain
+from dask_context.preemption import request_drain as request_drain
 from dask_context.resume import CorruptPartitionError, resumable
 from dask_context.scheduler import ContextRouter
 from dask_context.spec import ContextSpec
