@@ -68,11 +68,15 @@ def three_models(paths: list[Path], mode: str) -> dict[str, Any]:
                 bags.append(bag)
             dask.compute(*bags)
         wall = time.perf_counter() - start
-        r = dc.report(client)["contexts"]
+        report = dc.report(client)
+        r = report["contexts"]
     return {
         "mode": mode,
         "loads": sum(c["loads"] for c in r.values()),
+        "failed loads": sum(c["failures"] for c in r.values()),
         "evictions": sum(c["evictions"] for c in r.values()),
+        "most held by a worker at the end (budget 1.5 models)": round(
+            max(sum(w["resident"].values()) for w in report["workers"].values()) / nbytes, 2),
         "tasks routed": sum(c["tasks"] for c in r.values()),
         "wall s": round(wall, 2),
     }

@@ -19,7 +19,7 @@ from dask.utils import parse_timedelta
 from dask_context import _compat, config
 from dask_context._router_base import RouterBase
 from dask_context.policy import ContextView, Resident, WorkerView
-from dask_context.state import ContextRecord, WorkerRecord
+from dask_context.state import ContextRecord, WorkerRecord, underestimate
 
 
 class ViewsMixin(RouterBase):
@@ -49,6 +49,7 @@ class ViewsMixin(RouterBase):
         contexts = {}
         now = time.monotonic()
         draining = {a for a, w in records.items() if w.draining}
+        scale = underestimate((ctx.memory, ctx.nbytes) for ctx in st.contexts.values())
         for c, ctx in st.contexts.items():
             head = st.head(ctx)
             # a measured load against a guessed duration would warm workers on no
@@ -59,12 +60,13 @@ class ViewsMixin(RouterBase):
                 queued=ctx.waiting,
                 backlog=sum(n * self._duration(p, measuring) for p, n in ctx.by_prefix.items()),
                 load_time=self._load_time(ctx),
-                nbytes=ctx.size(),
+                nbytes=ctx.size(scale),
                 allowed=frozenset(ctx.allowed),
                 first=head.priority if head is not None else (),
                 # the workers _can_load refuses, from indexes kept as they change
                 excluded=frozenset(ctx.lacking.union(ctx.failed_on, draining)),
                 waited=now - ctx.since if ctx.since is not None else 0.0,
+                measured=ctx.nbytes is not None,
                 failing=bool(ctx.failed_on) and not any(
                     c in st.workers[a].resident for a in ctx.allowed if a in st.workers
                 ),
@@ -74,8 +76,8 @@ class ViewsMixin(RouterBase):
             held = {c: Resident(n, w.last_used.get(c, 0.0)) for c, n in w.resident.items()}
             unmeasured = set()
             for c in (*w.loading, *w.chosen):
-                size = st.contexts[c].size() if c in st.contexts else None
-                if size is None:
+                size = st.contexts[c].size(scale) if c in st.contexts else None
+                if c in st.contexts and st.contexts[c].nbytes is None:
                     unmeasured.add(c)
                 held.setdefault(c, Resident(size or 0, math.inf))
             workers[a] = WorkerView(

@@ -37,6 +37,7 @@ from dask_context import _compat
 from dask_context.errors import ContextTooLargeError, UnknownContextError
 from dask_context.policy import Resident, choose_victims, resolve_device
 from dask_context.spec import ContextSpec
+from dask_context.state import underestimate
 from dask_context.tiers import Mover, TorchMover, is_out_of_memory
 
 logger = logging.getLogger(__name__)
@@ -326,8 +327,14 @@ class ContextCache:
         with self._admitted:
             while self._alone or (not measured and self._inflight):
                 self._admitted.wait()
-            # the size measured here last time, else the spec's estimate
-            estimate = self._measured.get(name, spec.memory or 0)
+            # the size measured here last time, else the spec's estimate, scaled up by
+            # as much as the other specs' estimates fell short here
+            estimate = self._measured.get(name)
+            if estimate is None:
+                scale = underestimate(
+                    (s.memory, self._measured.get(n)) for n, s in self._specs.items()
+                )
+                estimate = int((spec.memory or 0) * scale)
             self._inflight[name] = estimate
             self._alone = not measured
         return estimate

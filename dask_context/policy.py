@@ -143,6 +143,8 @@ class ContextView:
     failing
         Its load failed on every worker that tried it lately: it goes only where
         there is room, and no warm context is evicted for it.
+    measured
+        ``nbytes`` was measured by a load (not only declared in the spec).
     """
 
     queued: int
@@ -154,6 +156,12 @@ class ContextView:
     excluded: frozenset[str] = frozenset()
     waited: float = math.inf
     failing: bool = False
+    measured: bool = True
+
+    @property
+    def unmeasured(self) -> bool:
+        """Its size is a guess: unknown, or declared but never measured."""
+        return self.nbytes is None or not self.measured
 
 
 @dataclass(frozen=True)
@@ -171,8 +179,8 @@ class WorkerView:
     busy
         Contexts with tasks running on it or sent to it: never evicted there.
     unmeasured
-        Contexts of unknown size it is loading or chosen to load (counted at 0
-        bytes in ``resident``): no second one goes there until they are measured.
+        Contexts never measured (unknown size, or declared only) that it is loading
+        or chosen to load: no second one goes there until they are measured.
     """
 
     budget: float = math.inf
@@ -254,6 +262,14 @@ def plan_routes(
     >>> p = plan_routes(cs, tight)
     >>> p.add, p.evict
     ({'N': {'w1'}}, {'w1': ['A']})
+
+    A size only declared is a guess too: a worker loading one unmeasured context
+    takes no second one until it is measured.
+
+    >>> loading = {"w1": WorkerView(budget=100, resident={"A": Resident(10, math.inf)},
+    ...                             unmeasured=frozenset({"A"}))}
+    >>> plan_routes({"B": ContextView(5, 5.0, 5.0, nbytes=10, measured=False)}, loading).add
+    {}
 
     A context whose load failed wherever it was tried evicts nothing either.
 
@@ -372,7 +388,7 @@ class _Planner:
             return []
         view = self.contexts[c]
         budget = self.workers[w].budget
-        if view.nbytes is None and self.unmeasured[w] and not math.isinf(budget):
+        if view.unmeasured and self.unmeasured[w] and not math.isinf(budget):
             return None
         need = self.guess(c)
         protected = {*self.serves(w), *self.workers[w].busy,
@@ -410,7 +426,7 @@ class _Planner:
             self.disallow(v, w)
             self.plan.evict.setdefault(w, []).append(v)
         self.resident[w][c] = Resident(self.guess(c), math.inf)
-        if self.contexts[c].nbytes is None:
+        if self.contexts[c].unmeasured:
             self.unmeasured[w].add(c)
 
     def trim(self, w: str) -> None:

@@ -33,7 +33,7 @@ import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,9 +172,25 @@ class ContextRecord:
     warmups: int = 0
     requeued: int = 0
 
-    def size(self) -> int | None:
-        """Measured size, else the spec's estimate, else None (unknown)."""
-        return self.nbytes if self.nbytes is not None else self.memory
+    def size(self, underestimate: float = 1.0) -> int | None:
+        """Measured size, else the spec's estimate (times ``underestimate``, see
+        :func:`underestimate`), else None (unknown)."""
+        if self.nbytes is not None:
+            return self.nbytes
+        return None if self.memory is None else int(self.memory * underestimate)
+
+
+def underestimate(declared_and_measured: Iterable[tuple[int | None, int | None]]) -> float:
+    """How much declared sizes fell short of measured ones, at worst (1 if never).
+
+    A user who declared one context at a tenth of its size likely did the same for
+    the others: their estimates are scaled up by as much until they are measured.
+
+    >>> underestimate([(10, 100), (None, 5), (50, 40)]), underestimate([])
+    (10.0, 1.0)
+    """
+    ratios = [m / d for d, m in declared_and_measured if d and m is not None and m > d]
+    return max(ratios, default=1.0)
 
 
 class RouterState:
