@@ -1,4 +1,8 @@
-"""The user API: register contexts on a cluster, mark tasks that need them, report."""
+"""The user API: register contexts on a cluster, mark tasks that need them, report.
+
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The contexts one worker holds: load once, pin to a device, keep, evict.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 :class:`ContextCache` knows nothing of Dask's worker; :mod:`dask_context.worker`
 creates one per worker and wires it in. It is thread-safe: tasks call :meth:`get`
 from the worker's executor threads, and loads run in the calling thread (or a

@@ -1,5 +1,8 @@
 """Set up dask-context in an existing deployment, with no code on the client.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 ``dask scheduler --preload dask_context`` and ``dask worker --preload dask_context``
 (or dask-jobqueue's ``job_extra_directives``/``worker_extra_args=["--preload",
 "dask_context"]``) call :func:`dask_setup` in each process: the scheduler gets the

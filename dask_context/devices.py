@@ -1,5 +1,8 @@
 """Which GPUs a worker sees, how much memory they have, and the budgets that follow.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 Discovery never imports torch: importing it costs a worker process about 300 MB of
 memory and seconds of start-up, which a worker whose contexts do not use torch
 should not pay. It asks, in this order:

@@ -1,5 +1,8 @@
 """Keep ``use()`` marks through Dask's low-level graph optimisation.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 A bag or array built inside ``dask_context.use(name)`` carries the annotation
 ``context=name`` on the graph layers built there. When it is computed, Dask's
 low-level optimiser (``dask.bag.core.optimize``, ``dask.array.optimization.optimize``)

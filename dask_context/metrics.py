@@ -1,5 +1,8 @@
 """Prometheus metrics for contexts, served on the scheduler's ``/metrics``.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 distributed serves every collector in ``prometheus_client``'s global registry on the
 scheduler's ``/metrics`` page, next to its own ``dask_scheduler_*`` metrics. The
 router registers one collector when it starts (once, however often it is started)

@@ -1,5 +1,8 @@
 """Routing, warm-up, eviction, failure and retirement decisions as pure functions.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 Nothing here touches Dask: each function takes plain data (the views below) and
 returns a decision, so that every rule can be read, doctested and unit tested on its
 own. The plugins in :mod:`dask_context.worker` and :mod:`dask_context.scheduler`

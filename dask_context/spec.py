@@ -1,4 +1,8 @@
-"""What a context is: a name, how to load it, where to pin it and how big it is."""
+"""What a context is: a name, how to load it, where to pin it and how big it is.
+
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Node-local copies of a context's files, fetched from warm peers.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 A spec with ``files=`` names a directory its loader reads (weights on a shared
 filesystem, say). Before the loader runs, :meth:`Stager.stage` makes sure the
 worker's node holds a copy of it in its staging directory, and the loader gets the

@@ -1,5 +1,8 @@
 """The router's state: one record per worker, per context and per routed task.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 :class:`RouterState` is plain data with one method for each way a record comes or
 goes (a context registered or removed, a worker joining or leaving, a task routed,
 queued, sent, finished or forgotten), so that nothing is left behind when a worker,

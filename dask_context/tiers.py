@@ -1,5 +1,8 @@
 """How a context sits in memory and moves between a device and host memory.
 
+Internal module (not API, may change): users import its public names from
+``dask_context``; docs/design.md lists what is API.
+
 The worker's cache (:mod:`dask_context.cache`) decides *what* is loaded, kept,
 copied to host memory or dropped; this module does the moving and the measuring:
 :func:`place` puts a freshly loaded context on its device, :class:`TorchMover` copies
