@@ -345,7 +345,7 @@ def test_sigkill_the_client_halfway_then_run_again(tmp_path):
     # every stored partition of the first run was read, not computed, by the second
     assert sum(items.values()) - computed_first == N - done_first * (N // PARTITIONS)
     loads = {run: len(count(tmp_path / "counts" / f"loads-{run}")) for run in (1, 2)}
-    assert 1 <= loads[1] <= 2 and 1 <= loads[2] <= 2
+    assert loads[1] in (1, 2) and loads[2] in (1, 2)
     print(f"client killed with {done_first}/{PARTITIONS} partitions stored; items computed "
           f"{sum(items.values())} for {N} ({sum(n > 1 for n in items.values())} twice); loads {loads}")
     # nothing left: no context loads, nothing computed
@@ -412,7 +412,7 @@ def test_sigkill_the_scheduler_halfway_then_run_again(tmp_path):
     items = _check_counts(tmp_path, lost_partitions=0)
     assert sum(items.values()) == N  # workers outlive their scheduler: nothing is lost
     loads = {run: len(count(tmp_path / "counts" / f"loads-{run}")) for run in (1, 2)}
-    assert 1 <= loads[1] <= 2 and 1 <= loads[2] <= 2
+    assert loads[1] in (1, 2) and loads[2] in (1, 2)
     print(f"scheduler killed, {done_first}/{PARTITIONS} partitions stored; items computed "
           f"{sum(items.values())} for {N}; loads {loads}")
 
