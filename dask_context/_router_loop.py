@@ -34,9 +34,10 @@ URGENT_SHARE = 5
 class RoutingMixin(RouterBase):
     """The routing loop.
 
-    Owns its settings (``prefetch``, ``interval``, ``retry``,
+    Owns its settings (``prefetch``, ``interval``, ``settle``, ``retry``,
     ``reconcile_interval``) and the loop's bookkeeping: ``_wake_pending``,
-    ``_replan_wanted``, ``_last_replan``, ``_replan_seconds``, ``_ticks``, and the
+    ``_replan_wanted``, ``_last_replan``, ``_replan_seconds``, ``_replan_due``
+    (a re-plan owed once new work has settled), ``_ticks``, and the
     incremental sets ``_dirty_workers`` (workers to feed: their slots opened),
     ``_dirty_contexts`` (contexts with new tasks) and ``_free`` (workers known to
     have a free slot).
