@@ -131,13 +131,7 @@ def to_seconds(value: Any) -> float:
     ...
     ValueError: '5 parsecs' is not a duration
     """
-    if isinstance(value, str) and value.strip():
-        try:
-            return parse_timedelta(value.strip())
-        except _PARSE_ERRORS:
-            # Dask raises KeyError for an unknown unit, IndexError for "", ...
-            raise ValueError(f"{value!r} is not a duration") from None
-    return _to_number(value, "a duration")
+    return _quantity(value, parse_timedelta, "a duration")
 
 
 def to_bytes(value: Any) -> int:
@@ -160,16 +154,22 @@ def to_bytes(value: Any) -> int:
     ...
     ValueError: '5 parsecs' is not a size
     """
-    if isinstance(value, str) and value.strip():
-        try:
-            return parse_bytes(value.strip())
-        except _PARSE_ERRORS:
-            raise ValueError(f"{value!r} is not a size") from None
-    return int(_to_number(value, "a size"))
+    return int(_quantity(value, parse_bytes, "a size"))
 
 
 # what dask.utils' parsers raise on malformed input
 _PARSE_ERRORS = (ArithmeticError, AttributeError, LookupError, TypeError, ValueError)
+
+
+def _quantity(value: Any, parse: Callable[[str], Any], what: str) -> Any:
+    """A number as it is, or a string through Dask's ``parse``; ValueError otherwise."""
+    if isinstance(value, str) and value.strip():
+        try:
+            return parse(value.strip())
+        except _PARSE_ERRORS:
+            # Dask raises KeyError for an unknown unit, IndexError for "", ...
+            raise ValueError(f"{value!r} is not {what}") from None
+    return _to_number(value, what)
 
 
 def _to_number(value: Any, what: str = "a number") -> Any:
