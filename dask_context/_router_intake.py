@@ -64,24 +64,22 @@ class IntakeMixin(RouterBase):
                 if ts is not None and self._known(name, client) and self._routable(ts, client):
                     self._route(ts, name)
                     routed.append(key)
-            if self.state.contexts:
+            if not self.state.contexts:
+                return
+            for key in tasks:
+                ts = scheduler.tasks.get(key)
+                if ts is None or ts.key in self.state.tasks:
+                    continue
                 # DataFrames keep no annotations: the mark is on the user's function
-                # in the task's spec (graph.Routed), however dask-expr fused it
-                for key in tasks:
-                    ts = scheduler.tasks.get(key)
-                    if ts is None or ts.key in self.state.tasks:
-                        continue
-                    name = graph.marked_context(ts.run_spec)
-                    if name is not None and self._known(name, client) and self._routable(ts, client):
-                        self._route(ts, name, annotate=True)
-                        routed.append(key)
-            if self.learned:
-                for key in tasks:
-                    ts = scheduler.tasks.get(key)
-                    name = self.learned.get(ts.group.name) if ts is not None else None
-                    if name is not None and self._routable(ts, client):
-                        self._route(ts, name, annotate=True)
-                        routed.append(key)
+                # in the task's spec (graph.Routed), however dask-expr fused it;
+                # unmarked tasks of a group known to call get_context are routed too
+                name = graph.marked_context(ts.run_spec)
+                if name is not None and not self._known(name, client):
+                    continue
+                name = name or self.learned.get(ts.group.name)
+                if name is not None and self._routable(ts, client):
+                    self._route(ts, name, annotate=True)
+                    routed.append(key)
         except Exception:
             self._fail_safe("update_graph", routed)
 
