@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import sys
+import time
 from collections.abc import Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -189,9 +191,6 @@ def clients_wanting(tasks: Iterable[TaskState], limit: int = 10_000) -> set[str]
 def warn_clients(scheduler: Scheduler, clients: Iterable[str], message: str) -> None:
     """Show ``message`` as a ``UserWarning`` on ``clients``, as a task's
     ``distributed.warn`` would (every client handles the ``"warn"`` topic)."""
-    import pickle
-    import time
-
     event = (time.time(), {"message": pickle.dumps(message), "category": pickle.dumps(UserWarning)})
     for client in clients:
         if client in scheduler.client_comms:
