@@ -4,7 +4,8 @@ A task is routed when it is marked (an annotation, or :class:`dask_context.graph
 Routed` in its spec) with a registered context and may run user code, or when its
 task group is *learned*: a worker reports that a task of that group called
 ``get_context(name)`` without a mark (``_learn``), and the rest of the group is
-routed from then on. A group marked but never asking for its context is unlearned
+routed from then on, with the tasks Dask had already sent to workers: those that
+find the context cold there come back once instead of loading it. A group marked but never asking for its context is unlearned
 (``_unlearn``) and handed back to Dask. Advice for users (unknown contexts, pinned
 tasks, learned groups) is logged and shown on their clients once (``_warn_once``).
 """
@@ -21,6 +22,15 @@ from dask_context.state import RoutedTask
 
 if TYPE_CHECKING:
     from distributed.scheduler import TaskState
+
+
+#: task states in which a learned group's tasks are routed. A ``processing`` task
+#: stays where Dask sent it: it runs there if its worker holds the context warm;
+#: on a cold worker it is sent back once (``distributed.Reschedule``, see
+#: :func:`dask_context.worker.send_back_unmarked`), and, routed now, the
+#: transition hook queues it instead of Dask placing it again. The task whose call
+#: taught the router is one of them: its report arrives just before it comes back.
+LEARNABLE = frozenset({"released", "waiting", "queued", "no-worker", "processing"})
 
 
 class LearningMixin(RouterBase):
@@ -93,9 +103,10 @@ class LearningMixin(RouterBase):
         )
         pending = []
         for ts in tasks:
-            if ts.state in ("released", "waiting", "queued", "no-worker") and self._routable_later(ts):
+            if ts.state in LEARNABLE and self._routable_later(ts):
                 self._route(ts, name, annotate=True)
-                pending.append(ts)
+                if ts.state != "processing":
+                    pending.append(ts)
         self._later(_compat.reschedule, pending)
 
     def _routable_later(self, ts: TaskState) -> bool:

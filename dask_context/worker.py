@@ -114,6 +114,11 @@ class WorkerContexts(WorkerPlugin):
         self._reported: set[tuple[str, str, str]] = set()
         # keys sent back to the scheduler after a failed load, and when
         self._rescheduled: dict[Hashable, float] = {}
+        # keys of unmarked tasks sent back to the router instead of loading here, and when
+        self._sent_back: dict[Hashable, float] = {}
+        # whether the scheduler runs the router (set when this worker announces, or
+        # when the router surveys it): without one, nothing would route a task sent back
+        self.routed = False
         self._seq = 0
         self._seq_lock = threading.Lock()
 
@@ -134,12 +139,13 @@ class WorkerContexts(WorkerPlugin):
     async def announce(self) -> None:
         """Tell the router (if there is one) what this worker holds and can load."""
         if await router_present(self.worker.scheduler):
+            self.routed = True
             await self.worker.scheduler.dask_context_worker(worker=self.worker.address, **self.state())
         else:
             logger.debug("No dask-context router on the scheduler: contexts are not routed")
 
     def state(self) -> dict[str, Any]:
-        """Scheduler-facing snapshot; also the ``dask_context_state`` handler.
+        """Scheduler-facing snapshot (what the ``dask_context_state`` handler answers).
 
         Snapshots reach the router by two roads (events on the worker's batched
         stream, replies and calls over RPC) that do not keep their order: ``seq``
@@ -158,6 +164,11 @@ class WorkerContexts(WorkerPlugin):
                 "loading": self.cache.loading(),
                 "host": self.cache.host_bytes(),
             }
+
+    def surveyed(self) -> dict[str, Any]:
+        """Handler ``dask_context_state``: the router asks what this worker holds."""
+        self.routed = True
+        return self.state()
 
     def warm(self, name: str) -> None:
         """Handler: the router chose this worker for ``name``: load it in the background.
@@ -193,6 +204,10 @@ class WorkerContexts(WorkerPlugin):
                 self._used.setdefault(key, set()).add(name)
             if wanted != name:
                 self._report(key, "uses", name)
+                if wanted is None and self._send_back(key, name):
+                    # loading here, on a worker nobody chose, would thrash the budget:
+                    # the router, told above, routes the task with the rest of its group
+                    raise Reschedule()
         try:
             return self.cache.get(name, key)
         except UnknownContextError:
@@ -212,6 +227,25 @@ class WorkerContexts(WorkerPlugin):
             self.worker.log_event(
                 TOPIC, {"action": action, "context": name, "group": group, "key": plain_key(key)}
             )
+
+    def _send_back(self, key: Hashable, name: str) -> bool:
+        """Whether the unmarked task ``key``, asking for ``name``, goes back to the router."""
+        group = key_split_group(key)
+        cache = self.cache
+        now = time.monotonic()
+        # a key is forgotten after a while only so that the record stays small
+        self._sent_back = {k: t for k, t in self._sent_back.items() if now - t < SENT_BACK_MEMORY}
+        go = send_back_unmarked(
+            routed=self.routed,
+            known=name in cache.names(),
+            warm=name in cache.resident_bytes() or name in cache.host_bytes() or name in cache.loading(),
+            sent_back_before=key in self._sent_back,
+            other_contexts={c for g, a, c in list(self._reported) if g == group and a == "uses"} - {name},
+        )
+        if go:
+            self._sent_back[key] = now
+            logger.debug("Task %s asks for context %r, cold here: sent back to the router", key, name)
+        return go
 
     def _reschedule_once(self, key: Hashable) -> bool:
         now = time.monotonic()
@@ -233,6 +267,38 @@ class WorkerContexts(WorkerPlugin):
             # routed as needing a context but never asked for it: the router
             # stops holding back the rest of its group
             self._report(key, "unused", wanted)
+
+
+#: seconds a worker remembers the unmarked tasks it sent back (each goes back once)
+SENT_BACK_MEMORY = 3600.0
+
+
+def send_back_unmarked(
+    routed: bool, known: bool, warm: bool, sent_back_before: bool, other_contexts: set[str]
+) -> bool:
+    """Whether an unmarked task asking for a context goes back to the router.
+
+    An unmarked task reaches whichever worker Dask chose. Loading its context there
+    evicts what the router placed (under a budget, every worker ends up loading
+    every context); sent back once (``distributed.Reschedule``), it is routed with
+    the rest of its group, which the router learns from the same call. It runs
+    where it is when there is no router to route it, when its context is unknown
+    (``get_context`` raises), warm here (or loading, or in host memory), when it was
+    sent back once already (it never bounces twice off one worker), and when its
+    group asks for several contexts (the router routes no such group).
+
+    >>> send_back_unmarked(True, True, False, False, set())
+    True
+    >>> send_back_unmarked(False, True, False, False, set())  # no router
+    False
+    >>> send_back_unmarked(True, True, True, False, set())  # warm here
+    False
+    >>> send_back_unmarked(True, True, False, True, set())  # sent back before
+    False
+    >>> send_back_unmarked(True, True, False, False, {"other"})  # several contexts
+    False
+    """
+    return routed and known and not warm and not sent_back_before and not other_contexts
 
 
 _creating: dict[int, asyncio.Future[WorkerContexts]] = {}
@@ -312,7 +378,7 @@ async def _create(worker: Worker) -> WorkerContexts:
     worker.extensions[EXTENSION] = contexts
     worker.handlers["dask_context_evict"] = contexts.evict
     worker.handlers["dask_context_warm"] = contexts.warm
-    worker.handlers["dask_context_state"] = contexts.state
+    worker.handlers["dask_context_state"] = contexts.surveyed
     worker.handlers.update(stager.handlers())
     await worker.plugin_add(contexts, name=WorkerContexts.name)
     worker.log_event(TOPIC, {"action": "hello", "budget": budget, "device": device,
