@@ -16,3 +16,8 @@ ROUTER_NAME = "dask-context"
 
 #: topic of the warnings the router has for users; register() shows them on the client
 WARNINGS = "dask-context-warnings"
+
+#: task annotation the router sets on unmarked tasks it will not route (a group
+#: asking for several contexts, an unknown context, tasks pinned with workers=):
+#: their workers run them where they are instead of sending them back
+UNROUTED = "dask-context-unrouted"

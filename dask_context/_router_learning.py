@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from dask_context import _compat
-from dask_context._protocol import WARNINGS
+from dask_context._protocol import UNROUTED, WARNINGS
 from dask_context._router_base import RouterBase, logger
 from dask_context.state import RoutedTask
 
@@ -91,6 +91,10 @@ class LearningMixin(RouterBase):
         if name not in self.state.contexts or group in self.learned:
             if self.learned.get(group, name) != name:
                 self.learned[group] = None  # several contexts: leave the group alone
+            if self.learned.get(group) != name:
+                # the task that reported may have been sent back: where Dask places
+                # it next, it must run
+                self._decline(_compat.tasks_of_group(self.scheduler, group))
             return
         self.learned[group] = name
         tasks = _compat.tasks_of_group(self.scheduler, group)
@@ -101,16 +105,25 @@ class LearningMixin(RouterBase):
             "dask_context.use(%r) (or use @dask_context.delayed) so that all are.",
             group, name, name,
         )
-        pending = []
+        pending, pinned = [], []
         for ts in tasks:
-            if ts.state in LEARNABLE and self._routable_later(ts):
-                self._route(ts, name, annotate=True)
-                if ts.state != "processing":
-                    pending.append(ts)
+            if ts.state not in LEARNABLE or ts.key in self.state.tasks or ts.run_spec is None:
+                continue
+            if _compat.user_restricted(ts):
+                pinned.append(ts)
+                continue
+            self._route(ts, name, annotate=True)
+            if ts.state != "processing":
+                pending.append(ts)
+        self._decline(pinned)
         self._later(_compat.reschedule, pending)
 
-    def _routable_later(self, ts: TaskState) -> bool:
-        return ts.key not in self.state.tasks and ts.run_spec is not None and not _compat.user_restricted(ts)
+    def _decline(self, tasks: Iterable[TaskState]) -> None:
+        """Mark unmarked ``tasks`` that the router will not route (``UNROUTED``): their
+        workers run them where they are, since sent back they would come back unrouted."""
+        for ts in tasks:
+            if ts.state in LEARNABLE and ts.key not in self.state.tasks:
+                ts.annotations = {**(ts.annotations or {}), UNROUTED: True}
 
     def _unlearn(self, group: str, name: str) -> None:
         """Tasks of ``group`` were marked as needing ``name`` but never asked for it."""

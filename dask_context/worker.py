@@ -25,7 +25,7 @@ from distributed.core import Status
 from distributed.utils import key_split_group
 
 from dask_context import _compat, config, devices
-from dask_context._protocol import ROUTER_METADATA, TOPIC
+from dask_context._protocol import ROUTER_METADATA, TOPIC, UNROUTED
 from dask_context.cache import ContextCache, plain_key
 from dask_context.errors import NotRegisteredError, UnknownContextError, error_payload
 from dask_context.spec import ContextSpec
@@ -199,12 +199,13 @@ class WorkerContexts(WorkerPlugin):
         key = _compat.current_key()
         wanted = None
         if key is not None:
-            wanted = _compat.task_annotations(self.worker, key).get("context")
+            annotations = _compat.task_annotations(self.worker, key)
+            wanted = annotations.get("context")
             if wanted is not None:
                 self._used.setdefault(key, set()).add(name)
             if wanted != name:
                 self._report(key, "uses", name)
-                if wanted is None and self._send_back(key, name):
+                if wanted is None and self._send_back(key, name, annotations):
                     # loading here, on a worker nobody chose, would thrash the budget:
                     # the router, told above, routes the task with the rest of its group
                     raise Reschedule()
@@ -228,7 +229,7 @@ class WorkerContexts(WorkerPlugin):
                 TOPIC, {"action": action, "context": name, "group": group, "key": plain_key(key)}
             )
 
-    def _send_back(self, key: Hashable, name: str) -> bool:
+    def _send_back(self, key: Hashable, name: str, annotations: dict[str, Any]) -> bool:
         """Whether the unmarked task ``key``, asking for ``name``, goes back to the router."""
         group = key_split_group(key)
         cache = self.cache
@@ -236,7 +237,7 @@ class WorkerContexts(WorkerPlugin):
         # a key is forgotten after a while only so that the record stays small
         self._sent_back = {k: t for k, t in self._sent_back.items() if now - t < SENT_BACK_MEMORY}
         go = send_back_unmarked(
-            routed=self.routed,
+            routed=self.routed and not annotations.get(UNROUTED),
             known=name in cache.names(),
             warm=name in cache.resident_bytes() or name in cache.host_bytes() or name in cache.loading(),
             sent_back_before=key in self._sent_back,
@@ -282,7 +283,8 @@ def send_back_unmarked(
     evicts what the router placed (under a budget, every worker ends up loading
     every context); sent back once (``distributed.Reschedule``), it is routed with
     the rest of its group, which the router learns from the same call. It runs
-    where it is when there is no router to route it, when its context is unknown
+    where it is when there is no router to route it (or the router said it would
+    not route it: the ``UNROUTED`` annotation), when its context is unknown
     (``get_context`` raises), warm here (or loading, or in host memory), when it was
     sent back once already (it never bounces twice off one worker), and when its
     group asks for several contexts (the router routes no such group).
