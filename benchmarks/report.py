@@ -47,6 +47,8 @@ def row(run: Run, arm: str, measured: dict[str, Any], cal: Calibration, workers:
         "models": run.scenario.models,
         "tasks": run.tasks,
         "arm": arm,
+        # measurements of this arm in this run before this one (``--repeat``)
+        "repeat": 0,
         "status": measured.get("error", "ok"),
         "wall": wall,
         "scheduler_cpu": measured.get("scheduler_cpu"),
@@ -116,8 +118,17 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: Calibrat
     return "\n".join(lines) + "\n"
 
 
+def first(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each arm's first measurement: the rows of the tables that show one per arm
+    (``repeat`` is absent from results.json files written before arms were repeated)."""
+    return [r for r in rows if not r.get("repeat")]
+
+
 def scenarios_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: Calibration) -> list[str]:
-    """Model, calibration, the results table, targets and the time breakdown."""
+    """Model, calibration, the results table, the repeated comparisons, targets and
+    the time breakdown."""
+    repeated = comparisons(rows)
+    rows = first(rows)
     t_list = ", ".join(f"B={b}: {t * 1e3:.1f} ms" for b, t in sorted(cal.item_seconds.items()))
     lines = [
         f"Model: `make_model(..., preset={meta['preset']!r})`, {meta['checkpoint_mb']:.0f} MB "
@@ -149,12 +160,71 @@ def scenarios_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], cal: 
             f"{_change(r['reduction'])} | {_change(r['best_reduction'])} | "
             f"{_fmt(r['x_limit'], '.2f')} | {r['kills']} |"
         )
+    if repeated:
+        lines += ["", "## Repeated arms: dask-context against the global cache, warned with and "
+                  "without peers", "", *repeated]
     lines += ["", "## Targets", "", *targets(rows)]
     preempted = preemption_table(rows, meta)
     if preempted:
         lines += ["", "## Preemption", "", *preempted]
     lines += ["", "## Where the time went (Dask arms)", "", *breakdown_table(rows)]
     return lines
+
+
+COMPARISONS = ((OURS, "global-cache"), ("dask-context warned+peers", "dask-context warned"))
+"""(arm, the arm it must be no slower than), compared on every run measuring both."""
+
+
+def verdict(ours: Sequence[float], theirs: Sequence[float]) -> str:
+    """Whether ``ours`` is no slower than ``theirs``: **yes** when its median is at
+    most theirs, **within noise** when the difference of the medians is within the
+    larger spread (max - min) of the two arms' repeats, else **no**.
+
+    >>> verdict([10, 11, 12], [11, 12, 13]), verdict([12.2, 12.4], [11, 12.5]), verdict([14], [10])
+    ('yes', 'within noise', 'no')
+    """
+    a, b = statistics.median(ours), statistics.median(theirs)
+    if a <= b:
+        return "yes"
+    noise = max(max(ours) - min(ours), max(theirs) - min(theirs))
+    return "within noise" if a - b <= noise else "no"
+
+
+def comparisons(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The arms measured several times in one run, side by side: each measurement in
+    the order taken, the median ratio, and whether the first arm is no slower."""
+    runs: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["wall"]:
+            runs.setdefault((r["scenario"], r["batch"]), {}).setdefault(r["arm"], []).append(r)
+    lines = []
+    for ours, theirs in COMPARISONS:
+        for (scenario, batch), arms in runs.items():
+            a, b = arms.get(ours, []), arms.get(theirs, [])
+            if not a or not b or max(len(a), len(b)) < 2:
+                continue
+            wa, wb = [r["wall"] for r in a], [r["wall"] for r in b]
+            lines.append(
+                f"| {scenario} B={batch} | {ours} | {', '.join(f'{w:.2f}' for w in wa)} | "
+                f"{theirs} | {', '.join(f'{w:.2f}' for w in wb)} | "
+                f"{statistics.median(wa) / statistics.median(wb):.3f} | "
+                f"{statistics.median(r['x_limit'] for r in a):.2f} / "
+                f"{statistics.median(r['x_limit'] for r in b):.2f} | **{verdict(wa, wb)}** |"
+            )
+    if not lines:
+        return []
+    return [
+        "Each arm measured several times in the same run, on the same cluster, in "
+        "reverse order every other round. `walls`: each measurement, in the order taken. "
+        "`ratio`: median against median. `x limit`: medians. `no slower`: **yes** when "
+        "the first arm's median is at most the second's, **within noise** when the "
+        "medians differ by less than the larger spread (max - min) of the two arms' "
+        "repeats, else **no**.",
+        "",
+        "| run | arm | walls (s) | against | walls (s) | ratio | x limit | no slower |",
+        "|---|---|---|---|---|---:|---:|---|",
+        *lines,
+    ]
 
 
 def preemptions(r: dict[str, Any]) -> int:
@@ -344,6 +414,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, coldstart: Sequence[dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = first(rows)
     ok = [r for r in rows if r["status"] == "ok" and r["wall"]]
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     colors = {a: f"C{i}" for i, a in enumerate(arms)}

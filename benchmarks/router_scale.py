@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -41,6 +43,7 @@ from dask_context import _compat
 from dask_context.scheduler import ContextRouter
 
 SEND = "scheduler transitions placing routed tasks"
+GC = "garbage collection pauses inside the router"
 
 NTHREADS = 1
 # what a worker's get_metrics() sends, at rest
@@ -113,8 +116,38 @@ class SimulatedWorker:
             await self.comm.close()
 
 
-def instrument(router: ContextRouter) -> dict[str, float]:
-    """Wrap every method of the router (and its scaling helper) to time it."""
+class GCPauses:
+    """Seconds the interpreter spent in garbage collection, by generation, while
+    active. A full collection walks the whole heap (here the scheduler's and the
+    simulated workers' objects together): it is timed apart, wherever it struck,
+    because which allocation happens to trigger it says nothing of who made the
+    heap big."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.by_generation = [0.0, 0.0, 0.0]
+        self.counts = [0, 0, 0]
+        self._start = 0.0
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        spent = time.perf_counter() - self._start
+        self.seconds += spent
+        self.by_generation[info["generation"]] += spent
+        self.counts[info["generation"]] += 1
+
+
+def instrument(router: ContextRouter, pauses: GCPauses) -> dict[str, float]:
+    """Wrap every method of the router (and its scaling helper) to time it; the
+    garbage collections that strike inside are counted apart (``GC``)."""
     spent: dict[str, float] = defaultdict(float)
     depth = [0]
 
@@ -124,11 +157,13 @@ def instrument(router: ContextRouter) -> dict[str, float]:
             if depth[0]:
                 return fn(*args, **kwargs)
             depth[0] += 1
-            start = time.perf_counter()
+            start, paused = time.perf_counter(), pauses.seconds
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[name] += time.perf_counter() - start
+                collected = pauses.seconds - paused
+                spent[name] += time.perf_counter() - start - collected
+                spent[GC] += collected
                 depth[0] -= 1
         return wrapper
 
@@ -137,11 +172,11 @@ def instrument(router: ContextRouter) -> dict[str, float]:
     send = _compat.send
 
     def timed_send(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start, paused = time.perf_counter(), pauses.seconds
         try:
             return send(*args, **kwargs)
         finally:
-            spent[SEND] += time.perf_counter() - start
+            spent[SEND] += time.perf_counter() - start - (pauses.seconds - paused)
 
     _compat.send = timed_send
     for obj in (router, router.scaling):
@@ -176,6 +211,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
     names = [f"c{i}" for i in range(ncontexts)]
     specs = [dask_context.ContextSpec(n, dict) for n in names]
     tokens = {s.name: s.token for s in specs}
+    pauses = GCPauses()
     async with Scheduler(protocol="inproc", dashboard_address=None, validate=False) as s:
         workers = [
             SimulatedWorker(s.address, "inproc://" + global_manager.new_address(), held, tokens)
@@ -188,7 +224,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
                 router = ContextRouter(specs)
                 await client.register_plugin(router)
                 router = s.plugins["dask-context"]
-                spent = instrument(router)
+                spent = instrument(router, pauses)
                 # the scheduler took these before the wrapping: hand it the timed ones
                 s.handlers["dask_context_worker"] = router.worker_joined
                 s.periodic_callbacks["dask-context"].callback = router._periodic
@@ -196,6 +232,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
             per = ntasks // ncontexts
             await asyncio.sleep(0.5)  # the announcements are handled: time only the tasks
             spent.clear()
+            pauses.start()
             start = time.perf_counter()
             futures = []
             for n in names:
@@ -209,6 +246,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
             from distributed import wait
             await wait(futures)
             wall = time.perf_counter() - start
+            pauses.stop()
             spent = dict(spent)  # what the teardown costs is not the tasks' cost
             done = len(futures)
             del futures
@@ -216,14 +254,44 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
     if routed:
         _compat.send = send_untimed
     transitions = spent.pop(SEND, 0.0)
+    collected = spent.pop(GC, 0.0)
     inside = sum(spent.values())
     return {
         "workers": nworkers, "contexts": ncontexts, "tasks": done, "routed": routed,
         "wall_s": round(wall, 3), "router_s": round(inside, 4),
         "router_us_per_task": round(1e6 * inside / done, 1),
         "own_us_per_task": round(1e6 * (inside - transitions) / done, 1),
+        "gc_in_router_us_per_task": round(1e6 * collected / done, 1),
+        "gc_s": round(pauses.seconds, 3), "gc_counts": pauses.counts,
         "top": sorted(((round(v * 1e6 / done, 1), k) for k, v in spent.items()), reverse=True)[:6],
     }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The curve as Markdown: one line per (contexts, workers)."""
+    lines = [
+        "# Router cost against cluster size",
+        "",
+        "`python -m benchmarks.router_scale`: a real Scheduler and the real router, with "
+        "simulated workers over in-process comms (see the module's docstring). "
+        f"{rows[0]['tasks']} trivial tasks per size. `router`: microseconds per task inside "
+        "the router's methods, including the scheduler transitions that placing a task runs "
+        "(plain Dask runs those too, in its own placement); `own`: without them. Garbage "
+        "collections are timed apart, wherever they strike: `gc in router` is the share "
+        "that struck inside the router, `gc` the whole run's pauses for each arm.",
+        "",
+        "| contexts | workers | router (us/task) | own (us/task) | gc in router (us/task) | "
+        "wall (s) | plain wall (s) | wall vs plain | gc (s) | plain gc (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['contexts']} | {r['workers']} | {r['router_us_per_task']:.1f} | "
+            f"{r['own_us_per_task']:.1f} | {r['gc_in_router_us_per_task']:.1f} | "
+            f"{r['wall_s']:.2f} | {r['plain_wall_s']:.2f} | {r['vs_plain']:.2f}x | "
+            f"{r['gc_s']:.2f} | {r['plain_gc_s']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -235,7 +303,10 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write router_scale.json and router_scale.md into this folder")
     args = parser.parse_args()
+    rows = []
     # the active memory manager and heartbeats would talk to workers that are not there
     with dask.config.set({"distributed.scheduler.active-memory-manager.start": False,
                           "distributed.scheduler.worker-ttl": None}):
@@ -245,6 +316,8 @@ def main() -> None:
                 routed = asyncio.run(run(nworkers, ncontexts, args.tasks, routed=True))
                 routed["vs_plain"] = round(routed["wall_s"] / plain["wall_s"], 2)
                 routed["plain_wall_s"] = plain["wall_s"]
+                routed["plain_gc_s"] = plain["gc_s"]
+                rows.append(routed)
                 if args.json:
                     print(json.dumps(routed), flush=True)
                 else:
@@ -253,9 +326,15 @@ def main() -> None:
                         f"{routed['router_us_per_task']:7.1f} us/task in the router "
                         f"({routed['own_us_per_task']:.1f} without Dask's transitions), wall "
                         f"{routed['wall_s']:.2f} s vs plain {plain['wall_s']:.2f} s "
-                        f"({routed['vs_plain']:.2f}x)  top: {routed['top'][:3]}",
+                        f"({routed['vs_plain']:.2f}x); collections {routed['gc_s']:.2f} s "
+                        f"vs {plain['gc_s']:.2f} s, {routed['gc_in_router_us_per_task']:.1f} "
+                        f"us/task of them inside the router  top: {routed['top'][:3]}",
                         flush=True,
                     )
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "router_scale.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "router_scale.md").write_text(table(rows))
 
 
 if __name__ == "__main__":

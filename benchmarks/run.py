@@ -64,6 +64,9 @@ from dask_context.models import make_model  # noqa: E402
 logger = logging.getLogger("benchmarks")
 
 PEERS = ("global-cache", "ray")
+COMPARED = (DaskContext.name, GlobalCache.name, Warned.name, WarnedPeers.name)
+"""Arms measured ``--repeat`` times in one-model runs: the comparisons the results
+table states (dask-context against the global cache; warned with and without peers)."""
 ALL_SCENARIOS = (*SCENARIOS, coldstart.NAME)
 CALIBRATION_GRID = (1, 4, 16, 64)
 
@@ -95,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: dask-context's preemption.grace setting, 10)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every run's number of claims (for development)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="measurements of each arm compared in a one-model run (dask-context, "
+                        "global-cache and the warned arms), alternating their order, so that "
+                        "the table shows the run-to-run noise (default: 3; 1 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the claims and the kills")
     p.add_argument("--cache", type=Path, default=ROOT / ".dask-context-cache" / "benchmarks",
                    help="where the generated checkpoints are kept")
@@ -111,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.preempt_every = 2.0 if args.quick else 20.0
     if args.grace is None:
         args.grace = config.get_seconds("preemption.grace")
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.peers is None:
         args.peers = "global-cache" if args.quick else ",".join(PEERS)
     args.peers = [] if args.peers == "none" else [x.strip() for x in args.peers.split(",") if x.strip()]
@@ -221,28 +232,43 @@ class Bench:
         return arms
 
     def measure_run(self, client: Client, run: Run) -> None:
-        """Every arm of one run, one after the other."""
+        """Every arm of one run, one after the other; then, in a one-model run, the
+        compared arms again (``--repeat``), in reverse order every other round so
+        that a drift of the machine's speed falls on both sides alike."""
         assert self.cal is not None
-        cal, workers = self.cal, self.args.workers
+        cal = self.cal
         claims = make_claims(run.items, seed=self.args.seed)
         batches = batches_of(claims, run.batch)
-        models = self.models[: run.scenario.models]
         logger.info("== %s: %d claims x %d models, B=%d, L/(B t) = %.2f",
-                    run.label, run.items, len(models), run.batch, cal.load_seconds / (run.batch * cal.t(run.batch)))
-        min_loads = max(len(models), workers)
-        inference = len(models) * run.items * cal.t(run.batch)
-        for arm in self.dask_arms(run):
-            setup = self.next_setup()
-            measured = run_arm(
-                client, arm, models, batches, setup, workers=workers,
-                preempt_every=self.args.preempt_every if run.scenario.preempt else None,
-                seed=self.args.seed,
-            )
-            measured["profile"] = profile_arm(measured, workers=workers, min_loads=min_loads,
-                                              load_seconds=cal.load_seconds, inference_seconds=inference)
-            self.rows.append(row(run, arm.name, measured, cal, workers))
+                    run.label, run.items, run.scenario.models, run.batch,
+                    cal.load_seconds / (run.batch * cal.t(run.batch)))
+        arms = self.dask_arms(run)
+        for arm in arms:
+            self.measure_arm(client, run, arm, batches, repeat=0)
         if "ray" in self.args.peers and "ray" in run.scenario.peers:
-            self.rows.append(row(run, "ray-data", self.measure_ray(run), cal, workers))
+            self.rows.append(row(run, "ray-data", self.measure_ray(run), cal, self.args.workers))
+        if run.scenario.models == 1:
+            compared = [a for a in arms if a.name in COMPARED]
+            for k in range(1, self.args.repeat):
+                for arm in compared[::-1] if k % 2 else compared:
+                    self.measure_arm(client, run, arm, batches, repeat=k)
+
+    def measure_arm(self, client: Client, run: Run, arm: DaskArm, batches: list[list[str]],
+                    repeat: int) -> None:
+        assert self.cal is not None
+        cal, workers = self.cal, self.args.workers
+        models = self.models[: run.scenario.models]
+        setup = self.next_setup()
+        measured = run_arm(
+            client, arm, models, batches, setup, workers=workers,
+            preempt_every=self.args.preempt_every if run.scenario.preempt else None,
+            seed=self.args.seed,
+        )
+        measured["profile"] = profile_arm(
+            measured, workers=workers, min_loads=max(len(models), workers),
+            load_seconds=cal.load_seconds, inference_seconds=len(models) * run.items * cal.t(run.batch),
+        )
+        self.rows.append({**row(run, arm.name, measured, cal, workers), "repeat": repeat})
 
     def measure_ray(self, run: Run) -> dict[str, Any]:
         assert self.cal is not None

@@ -57,7 +57,7 @@ def _buckets() -> list[int]:
     return [0] * len(LATENCY_BUCKETS)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RoutedTask:
     """A task the router is responsible for placing."""
 

@@ -31,7 +31,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     cmd = [
         sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick",
         "--out", str(out / "results"), "--cache", str(out / "models"),
-        "--workers", str(WORKERS),
+        "--workers", str(WORKERS), "--repeat", "2",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -39,7 +39,26 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
 
 
 def rows_of(results: dict[str, Any], scenario: str) -> dict[tuple[int, str], dict[str, Any]]:
-    return {(r["batch"], r["arm"]): r for r in results["rows"] if r["scenario"] == scenario}
+    """Each arm's first measurement in ``scenario``."""
+    return {(r["batch"], r["arm"]): r for r in results["rows"]
+            if r["scenario"] == scenario and r["repeat"] == 0}
+
+
+def test_compared_arms_are_repeated_and_compared(quick):
+    out, results = quick
+    repeated = {(r["scenario"], r["arm"]) for r in results["rows"] if r["repeat"] == 1}
+    # one-model runs repeat the compared arms; the three-model run repeats nothing
+    assert repeated == {("single", "dask-context"), ("single", "global-cache"),
+                        ("preempt", "dask-context"), ("preempt", "global-cache"),
+                        *(("preempt", arm) for arm in WARNED)}
+    for r in results["rows"]:
+        assert r["repeat"] in (0, 1) and r["status"] == "ok", r
+    md = (out / "results.md").read_text()
+    table = md[md.index("## Repeated arms"):md.index("## Targets")]
+    for run in ("single B=", "preempt B="):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {run}") and "global-cache" in x)
+        assert line.count(",") == 2 and line.rstrip().endswith(("**yes** |", "**within noise** |", "**no** |"))
+    assert "| dask-context warned+peers |" in table
 
 
 def test_outputs_exist(quick):
@@ -142,7 +161,7 @@ def test_warned_peers_read_the_storage_only_for_copies_from_it(quick):
     assert row["extra"]["source_bytes"] == sum(c["nbytes"] for c in staged if c["origin"] == "files")
 
 
-@pytest.mark.parametrize("module", ["loading", "calibrate", "plan", "timeline", "coldstart", "tasks"])
+@pytest.mark.parametrize("module", ["loading", "calibrate", "plan", "timeline", "coldstart", "tasks", "report"])
 def test_doctests(module):
     mod = importlib.import_module(f"benchmarks.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
