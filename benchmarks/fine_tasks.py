@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 from distributed import Client, LocalCluster, wait
 
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.001, help="duration of a task")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each arm, alternated")
     parser.add_argument("--json", action="store_true", help="one JSON object")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write fine_tasks.json and fine_tasks.md into this folder")
     args = parser.parse_args()
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster, Client(cluster) as client:
@@ -80,10 +83,16 @@ def main() -> None:
         "ratio_of_medians": round(
             statistics.median(walls["dask-context"]) / statistics.median(walls["plain"]), 3),
     }
-    print(json.dumps(out) if args.json else
-          f"{args.tasks} tasks of {args.seconds * 1000:g} ms on {args.workers} workers "
-          f"({warm} warm): plain {out['plain_s']} s, dask-context {out['dask_context_s']} s, "
-          f"ratio of medians {out['ratio_of_medians']}")
+    line = (f"{args.tasks} tasks of {args.seconds * 1000:g} ms on {args.workers} workers "
+            f"({warm} warm): plain {out['plain_s']} s, dask-context {out['dask_context_s']} s, "
+            f"ratio of medians {out['ratio_of_medians']}")
+    print(json.dumps(out) if args.json else line)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fine_tasks.json").write_text(json.dumps(out, indent=1))
+        (args.out / "fine_tasks.md").write_text(
+            "# Fine tasks\n\n`python -m benchmarks.fine_tasks`: in-process workers, one "
+            "thread each, warm, arms alternated (plain first).\n\n" + line + "\n")
 
 
 if __name__ == "__main__":
