@@ -16,8 +16,10 @@ copy:
    non-TCP cluster, a peer that cannot be reached that way), over Dask's
    worker-to-worker comms in chunks (``dask_context_chunk``);
 3. else from ``spec.files`` itself, by one worker of the cluster at a time (the
-   router grants it: ``dask_context_file_source``); the others wait for that copy and
-   fetch it from its worker instead of splitting the shared filesystem's bandwidth.
+   router grants it: ``dask_context_file_source``); the others follow that copy as it
+   is made: its worker streams each file's bytes as they land (``follow=True``), so
+   they get the files at the shared filesystem's pace instead of splitting its
+   bandwidth, and without waiting for the whole copy first.
 
 A transfer that fails (the peer errs, leaves, or sends bytes that do not match) goes
 on with the next peer, then with ``spec.files``. If even the copy from ``spec.files``
@@ -26,7 +28,9 @@ cannot be made, the loader gets ``spec.files`` itself.
 The worker that copies from ``spec.files`` writes a manifest of every file's size,
 BLAKE2b digest and CRC-32; every later copy is checked against it file by file: a
 streamed copy against the CRC-32 (computed as the bytes arrive, at several GB/s), a
-copy over Dask's comms against the BLAKE2b digest. A copy is
+copy over Dask's comms against the BLAKE2b digest. A copy that follows one being made
+gets each file's size, digest and CRC-32 after the file's last byte, once the source
+copy knows them, and is checked against them. A copy is
 written into a temporary directory and renamed into place only once complete and
 checked, so a partial or corrupt copy is never used. Workers of one node take a lock
 file per spec before staging it: one makes the copy, the others then find it.
@@ -46,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import hmac
@@ -64,7 +69,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -92,6 +97,12 @@ TIMEOUT = 60.0
 """Seconds a peer may take to answer one request before the transfer counts as failed."""
 POLL = 0.1
 """Seconds between questions to the router while another worker copies from the source."""
+COPYING = "dask-context-copying-{token}"
+"""Scheduler event topic on which a worker announces that it copies a spec's files from
+``spec.files``: where the others find the copy to follow (the router's turn says only
+whether they may read the source)."""
+TRAILER = struct.Struct("!I")
+"""Length of the JSON that ends a followed file's stream: its final size, digest, CRC-32."""
 MANIFEST = "manifest.json"
 ALGORITHM = "blake2b"
 """Digest of every file in a manifest: among hashlib's, the fastest on CPUs without
@@ -129,6 +140,9 @@ class Stager:
         # the copies this worker uses and serves: context name -> token; a copy is
         # removed (and reported "unstaged") when its spec goes from this worker
         self._held: dict[str, str] = {}
+        # copies from spec.files this worker is making now, by token: served to the
+        # workers that follow them as they are made
+        self._copying: dict[str, _Progress] = {}
 
     def handlers(self) -> dict[str, Any]:
         """Worker handlers serving this node's copies to peers."""
@@ -215,16 +229,27 @@ class Stager:
             os.makedirs(os.path.join(tmp, _dirname(spec.files)), exist_ok=True)
             with open(os.path.join(tmp, MANIFEST), "w") as f:
                 json.dump(manifest, f)
-            os.rename(tmp, copy)
+            progress = self._copying.get(spec.token)
+            if progress is not None:
+                # followers still being served open their files under the new name
+                progress.rename(tmp, copy)
+            else:
+                os.rename(tmp, copy)
         except BaseException:
+            progress = self._copying.get(spec.token)
+            if progress is not None:
+                progress.fail()  # its followers' streams end short: they go elsewhere
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            self._copying.pop(spec.token, None)
         return origin, peer, sum(e["size"] for e in manifest["files"])
 
     def _fill(self, spec: ContextSpec, tmp: str) -> tuple[str, str | None, dict[str, Any]]:
         """Fill ``tmp`` from a peer, else from ``spec.files`` once the router allows it."""
         assert spec.files is not None
         tried: set[str] = set()
+        followed: set[str] = set()
         while True:
             # the turn at the source first, the peers second: a copy finished between
             # the two questions is then among the peers, never read again from the source
@@ -243,8 +268,21 @@ class Stager:
                     )
                     _clear(tmp)
             if may_read:
-                return "files", None, self._copy_source(spec.files, tmp)
-            # another worker is copying from the source: its copy will be a peer
+                return "files", None, self._copy_source(spec.files, tmp, spec.token)
+            # another worker is copying from the source: follow its copy as it is
+            # made, at the source's pace, rather than wait for it and copy it then
+            for reader in self._readers(spec, followed):
+                followed.add(reader)
+                try:
+                    return "peer", reader, self._fetch(reader, spec.token, _dirname(spec.files), tmp, follow=True)
+                except Exception as exc:
+                    # the reader failed, left, or cannot stream: its turn passes on
+                    # (or its copy becomes a peer) and the loop goes on from there
+                    logger.warning(
+                        "Following the copy of context %r's files that %s makes failed (%r); "
+                        "trying elsewhere", spec.name, reader, exc,
+                    )
+                    _clear(tmp)
             time.sleep(POLL)
 
     def _peers(self, spec: ContextSpec, tried: set[str]) -> list[str]:
@@ -256,6 +294,15 @@ class Stager:
         fresh.sort(key=lambda p: p["node"] != self.node)
         return [p["address"] for p in fresh]
 
+    def _readers(self, spec: ContextSpec, followed: set[str]) -> list[str]:
+        """Workers that announced a copy of ``spec``'s files from the source, newest
+        first, not followed yet (a stale one answers that it copies nothing)."""
+        topic = COPYING.format(token=spec.token)
+        events = sync(self.worker.loop, self.worker.scheduler.events, topic=topic) or ()
+        readers = [m.get("worker") for _, m in reversed(events) if isinstance(m, dict)]
+        return [r for r in dict.fromkeys(readers)
+                if isinstance(r, str) and r not in followed and r != self.worker.address]
+
     def _ask(self, op: str, default: Any, **kwargs: Any) -> Any:
         """Call the router's handler ``op``; ``default`` if the scheduler has no router."""
         reply = sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
@@ -263,36 +310,57 @@ class Stager:
         # and nobody shares the source
         return default if reply is None else reply
 
-    def _copy_source(self, source: str, tmp: str) -> dict[str, Any]:
-        """Copy ``source`` into ``tmp``, hashing as it goes; return the manifest."""
+    def _copy_source(self, source: str, tmp: str, token: str) -> dict[str, Any]:
+        """Copy ``source`` into ``tmp``, hashing as it goes; return the manifest.
+
+        The copy is announced (:data:`COPYING`) and served while it is made: workers
+        that follow it get each file's bytes as they are written.
+        """
         if not os.path.isdir(source):
             raise NotADirectoryError(f"files of a context must be a directory: {source!r}")
         top = _dirname(source)
-        entries = []
+        plan = []
         # followlinks: a checkpoint directory may link its weights from elsewhere
         for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
             dirnames.sort()
             for name in sorted(filenames):
                 path = PurePosixPath(top, *os.path.relpath(os.path.join(dirpath, name), source).split(os.sep))
-                # read ahead: the shared filesystem delivers the next chunk while this
-                # one is hashed and written
                 file = os.path.join(dirpath, name)
-                chunks = _ahead(self.read_source(file))
-                size, digest, crc = _write(os.path.join(tmp, *path.parts), chunks, expect=os.stat(file).st_size)
-                entries.append({"path": str(path), "size": size, "digest": digest, "crc32": crc})
+                plan.append((file, str(path), os.stat(file).st_size))
+        progress = self._copying[token] = _Progress(tmp, {path: size for _, path, size in plan})
+        # registered first: a follower that sees the event finds the copy here
+        self.worker.log_event(COPYING.format(token=token), {"action": "copying"})
+        entries = []
+        for file, path, expect in plan:
+            # read ahead: the shared filesystem delivers the next chunk while this
+            # one is hashed and written
+            chunks = _ahead(self.read_source(file))
+            size, digest, crc = _write(os.path.join(tmp, *PurePosixPath(path).parts), chunks, expect=expect,
+                                       progress=lambda n, path=path: progress.wrote(path, n))
+            entry = {"path": path, "size": size, "digest": digest, "crc32": crc}
+            progress.finish(entry)
+            entries.append(entry)
         return {"algorithm": ALGORITHM, "files": entries}
 
-    def _fetch(self, peer: str, token: str, top: str, tmp: str) -> dict[str, Any]:
+    def _fetch(self, peer: str, token: str, top: str, tmp: str, follow: bool = False) -> dict[str, Any]:
         """Fill ``tmp`` from ``peer``'s copy; return its manifest once every file matches.
 
         Each file is streamed (:meth:`_stream`) when the manifest has its CRC-32 and
         the peer can stream it, else fetched in chunks over Dask's comms.
+
+        With ``follow``, ``peer`` may still be making its copy from the source: every
+        file is then streamed as it lands there, and checked against the size, digest
+        and CRC-32 the peer sends after its last byte (no stream, no copy: the
+        chunks over Dask's comms would need the digests up front).
         """
-        manifest = sync(self.worker.loop, self._remote, peer, "dask_context_manifest", token=token)
+        kwargs = {"partial": True} if follow else {}
+        manifest = sync(self.worker.loop, self._remote, peer, "dask_context_manifest", token=token, **kwargs)
         if manifest is None:
-            raise StagingError(f"{peer} holds no complete copy")
+            raise StagingError(f"{peer} holds no copy" if follow else f"{peer} holds no complete copy")
         if manifest.get("algorithm") != ALGORITHM:
             raise StagingError(f"{peer} sent a manifest of {manifest.get('algorithm')!r} digests")
+        if manifest.get("partial"):
+            return self._follow(peer, token, _entries(manifest, top, partial=True), top, tmp)
         streams = parse_address(peer)[0] == "tcp"
         for entry in _entries(manifest, top):
             target = os.path.join(tmp, *PurePosixPath(entry["path"]).parts)
@@ -315,7 +383,30 @@ class Stager:
                 raise StagingError(f"{entry['path']} from {peer} does not match the manifest")
         return manifest
 
-    def _stream(self, peer: str, token: str, entry: dict[str, Any], target: str) -> tuple[int, int]:
+    def _follow(self, peer: str, token: str, planned: list[dict[str, Any]], top: str, tmp: str) -> dict[str, Any]:
+        """Fill ``tmp`` from the copy ``peer`` is making; return the manifest it ends with.
+
+        ``planned``: the paths and sizes the peer announced. Each file must come with
+        exactly that size and end with its final entry; the CRC-32 computed here must
+        be the one the peer computed from the source.
+        """
+        if parse_address(peer)[0] != "tcp":
+            raise StagingError(f"{peer} cannot stream a copy being made")
+        entries = []
+        for plan in planned:
+            target = os.path.join(tmp, *PurePosixPath(plan["path"]).parts)
+            final: dict[str, Any] = {}
+            try:
+                size, crc = self._stream(peer, token, plan, target, final=final)
+            except _NoStream as exc:
+                raise StagingError(str(exc)) from exc
+            if final.get("path") != plan["path"] or (size, crc) != (final.get("size"), final.get("crc32")):
+                raise StagingError(f"{plan['path']} from {peer} does not match the source's copy")
+            entries.append({k: final[k] for k in ("path", "size", "digest", "crc32")})
+        return {"algorithm": ALGORITHM, "files": _entries({"files": entries}, top)}
+
+    def _stream(self, peer: str, token: str, entry: dict[str, Any], target: str,
+                final: dict[str, Any] | None = None) -> tuple[int, int]:
         """Receive one file from ``peer`` over a connection of its own into ``target``.
 
         The peer listens on an ephemeral port for this one file and announces it with
@@ -323,12 +414,18 @@ class Stager:
         ticket, and takes exactly the file's size, checking its CRC-32 as it writes.
         Returns the bytes written and their CRC-32.
 
+        With ``final`` (a dict), the file follows a copy being made: the peer sends
+        the bytes as they land and then the file's entry of the source's manifest,
+        which ``final`` receives.
+
         Raises
         ------
         _NoStream
             The peer cannot stream, or its port cannot be reached: nothing was written.
         """
-        offer = sync(self.worker.loop, self._remote, peer, "dask_context_stream", token=token, path=entry["path"])
+        kwargs = {"follow": True} if final is not None else {}
+        offer = sync(self.worker.loop, self._remote, peer, "dask_context_stream", token=token,
+                     path=entry["path"], **kwargs)
         if offer is None:
             raise _NoStream(f"{peer} does not stream")
         try:
@@ -338,9 +435,10 @@ class Stager:
         with conn:
             _blocking(conn)
             conn.sendall(str(offer["ticket"]).encode())
-            size, _, crc = _write(target, _received(conn, entry["size"], f"{entry['path']} from {peer}"),
+            size, _, crc = _write(target, _received(conn, entry["size"], f"{entry['path']} from {peer}", final),
                                   digest=False, expect=entry["size"])
         return size, crc
+
     def _chunks(self, peer: str, token: str, entry: dict[str, Any]) -> Iterator[bytes]:
         """The chunks of one file from ``peer``, ``IN_FLIGHT`` requests ahead."""
         loop = self.worker.loop.asyncio_loop  # type: ignore[attr-defined]
@@ -383,11 +481,19 @@ class Stager:
         return os.path.join(self.root, token)
 
     # ------------------------------------------------------------ serving
-    async def serve_manifest(self, token: str) -> dict[str, Any] | None:
-        """Handler: the manifest of this node's complete copy of ``token``'s files, or None."""
+    async def serve_manifest(self, token: str, partial: bool = False) -> dict[str, Any] | None:
+        """Handler: the manifest of this node's complete copy of ``token``'s files, or None.
+
+        With ``partial``, a copy this worker is making from the source counts too: its
+        manifest then has ``"partial": True`` and only the paths and sizes of its files.
+        """
+        progress = self._copying.get(token) if partial else None
+        if progress is not None:
+            return {"algorithm": ALGORITHM, "partial": True,
+                    "files": [{"path": p, "size": n} for p, n in progress.planned.items()]}
         return await asyncio.to_thread(_complete, self._copy_dir(token))
 
-    async def serve_stream(self, token: str, path: str) -> dict[str, Any] | None:
+    async def serve_stream(self, token: str, path: str, follow: bool = False) -> dict[str, Any] | None:
         """Handler: stream a file of a copy to the one worker that connects with the ticket.
 
         Opens a listening socket on an ephemeral port of this worker's host and
@@ -396,10 +502,21 @@ class Stager:
         (the kernel copies it from the page cache to the socket). Answers None where
         this worker does not stream: a cluster not on plain ``tcp://`` (its comms may
         be encrypted; these connections are not), or a host it cannot listen on.
+
+        With ``follow``, the file may belong to the copy this worker is making from the
+        source: its bytes are sent as they are written, and after them (for a complete
+        copy too) the file's entry of the manifest (:func:`_send_entry`).
         """
         if parse_address(self.worker.address)[0] != "tcp":
             return None
-        file = await asyncio.to_thread(self._served_file, token, path)
+        progress = self._copying.get(token) if follow else None
+        send: Callable[[socket.socket], Any]
+        if progress is not None and path in progress.planned:
+            send = functools.partial(progress.send, path=path)
+        else:
+            # a copy made meanwhile is complete: a follower gets it with its entry
+            file, entry = await asyncio.to_thread(self._served_entry, token, path)
+            send = functools.partial(_send_whole, path=file, entry=entry if follow else None)
         host = get_address_host(self.worker.address)
         try:
             server = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -407,7 +524,7 @@ class Stager:
             logger.info("Cannot listen on %s to stream %s; peers fetch it over Dask's comms", host, path)
             return None
         ticket = secrets.token_hex(16)
-        threading.Thread(target=_serve, args=(server, ticket, file), daemon=True,
+        threading.Thread(target=_serve, args=(server, ticket, path, send), daemon=True,
                          name="dask-context-stream").start()
         return {"port": server.getsockname()[1], "ticket": ticket}
 
@@ -423,6 +540,15 @@ class Stager:
             f.seek(offset)
             return f.read(size)
 
+    def _served_entry(self, token: str, path: str) -> tuple[str, dict[str, Any]]:
+        """:meth:`_served_file`, and its entry of the manifest."""
+        file = self._served_file(token, path)
+        manifest = _manifest(self._copy_dir(token)) or {"files": []}
+        entry = next((e for e in manifest["files"] if e["path"] == path), None)
+        if entry is None:  # the copy went between the two reads
+            raise StagingError(f"no file {path!r} in the copy of {token} here")
+        return file, entry
+
     def _served_file(self, token: str, path: str) -> str:
         """The file ``path`` of this node's copy of ``token``'s files, if its manifest lists it."""
         copy = self._copy_dir(token)
@@ -437,8 +563,8 @@ class _NoStream(Exception):
     """A peer cannot stream a file (see :meth:`Stager.serve_stream`); nothing was received."""
 
 
-def _serve(server: socket.socket, ticket: str, path: str) -> None:
-    """Accept one connection on ``server``; if it sends ``ticket``, send it the file ``path``."""
+def _serve(server: socket.socket, ticket: str, path: str, send: Callable[[socket.socket], Any]) -> None:
+    """Accept one connection on ``server``; if it sends ``ticket``, ``send`` it the file ``path``."""
     with server:
         server.settimeout(TIMEOUT)
         try:
@@ -454,7 +580,7 @@ def _serve(server: socket.socket, ticket: str, path: str) -> None:
             if not hmac.compare_digest(got, ticket.encode()):
                 logger.warning("A connection to a stream of %s came without its ticket", path)
                 return
-            _send_file(conn, path)
+            send(conn)
         except OSError as exc:
             # the receiver left, or timed out: it goes elsewhere and says why
             logger.debug("Streaming %s ended early: %r", path, exc)
@@ -471,30 +597,134 @@ def _blocking(conn: socket.socket) -> None:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
 
-def _send_file(conn: socket.socket, path: str) -> None:
+def _send_file(conn: socket.socket, path: str) -> bool:
     """Send the file ``path`` on ``conn`` with ``sendfile``: the kernel moves it from the
     page cache to the socket, nothing passes through Python. A receiver that takes
-    nothing for ``TIMEOUT`` seconds ends it (``SO_SNDTIMEO``: ``BlockingIOError``)."""
+    nothing for ``TIMEOUT`` seconds ends it (``SO_SNDTIMEO``: ``BlockingIOError``).
+    Returns whether the whole file was sent."""
     with open(path, "rb") as f:
-        if not hasattr(os, "sendfile"):  # pragma: no cover - not on Linux or macOS
-            conn.sendfile(f)
-            return
-        offset, size = 0, os.fstat(f.fileno()).st_size
-        while offset < size:
-            sent = os.sendfile(conn.fileno(), f.fileno(), offset, min(size - offset, 1 << 30))
-            if not sent:  # the file got shorter: the receiver sees a short stream
-                return
-            offset += sent
+        size = os.fstat(f.fileno()).st_size
+        return _send_range(conn, f, 0, size) == size
 
 
-def _received(conn: socket.socket, size: int, what: str) -> Iterator[memoryview]:
+def _send_range(conn: socket.socket, f: Any, offset: int, end: int) -> int:
+    """Send bytes ``offset`` to ``end`` of the open file ``f`` on ``conn``; return the
+    offset reached (short of ``end`` if the file is shorter)."""
+    if not hasattr(os, "sendfile"):  # pragma: no cover - not on Linux or macOS
+        conn.sendfile(f, offset, end - offset)
+        return end
+    while offset < end:
+        sent = os.sendfile(conn.fileno(), f.fileno(), offset, min(end - offset, 1 << 30))
+        if not sent:  # the file got shorter: the receiver sees a short stream
+            break
+        offset += sent
+    return offset
+
+
+def _send_whole(conn: socket.socket, path: str, entry: dict[str, Any] | None) -> None:
+    """Send the file ``path``, then ``entry`` (if any) once the whole file is sent."""
+    if _send_file(conn, path) and entry is not None:
+        _send_entry(conn, entry)
+
+
+def _send_entry(conn: socket.socket, entry: dict[str, Any]) -> None:
+    """End a followed file's stream with its manifest entry (path, size, digest, CRC-32)."""
+    data = json.dumps({k: entry[k] for k in ("path", "size", "digest", "crc32")}).encode()
+    conn.sendall(TRAILER.pack(len(data)) + data)
+
+
+class _Progress:
+    """A copy from the source being made by this worker, served to followers as it lands.
+
+    The copying thread reports each file's bytes written (:meth:`wrote`) and its
+    final entry (:meth:`finish`); a thread per follower's file waits for them
+    (:meth:`send`). A copy that fails (:meth:`fail`) ends its followers' streams
+    short, so that they never take a partial file for a whole one.
+
+    Parameters
+    ----------
+    directory
+        Where the copy is being made.
+    planned
+        Path -> size of every file, as the source's directory listed them.
+    """
+
+    def __init__(self, directory: str, planned: dict[str, int]):
+        self.directory = directory
+        self.planned = planned
+        self._written: dict[str, int] = {}
+        self._final: dict[str, dict[str, Any]] = {}
+        self._failed = False
+        self._changed = threading.Condition()
+
+    def wrote(self, path: str, size: int) -> None:
+        with self._changed:
+            self._written[path] = size
+            self._changed.notify_all()
+
+    def finish(self, entry: dict[str, Any]) -> None:
+        with self._changed:
+            self._written[entry["path"]] = entry["size"]
+            self._final[entry["path"]] = entry
+            self._changed.notify_all()
+
+    def fail(self) -> None:
+        with self._changed:
+            self._failed = True
+            self._changed.notify_all()
+
+    def rename(self, directory: str, to: str) -> None:
+        """Move the finished copy to ``to``; followers open its files there from now on."""
+        with self._changed:
+            os.rename(directory, to)
+            self.directory = to
+
+    def send(self, conn: socket.socket, path: str) -> None:
+        """Send the file ``path`` on ``conn`` as it is written, then its final entry.
+
+        Stops short (the receiver sees a stream that ended early) if the copy fails,
+        the file's size is not the planned one (the source changed), or no byte is
+        written for ``TIMEOUT`` seconds.
+        """
+        planned, offset, f = self.planned[path], 0, None
+        try:
+            while True:
+                with self._changed:
+                    if not self._changed.wait_for(
+                        lambda sent=offset: self._failed or path in self._final or self._written.get(path, 0) > sent,
+                        TIMEOUT,
+                    ) or self._failed:
+                        return
+                    written, final = self._written.get(path, 0), self._final.get(path)
+                    if f is None and written:
+                        # under the lock: the copy is not renamed between the path and the open
+                        f = open(os.path.join(self.directory, *PurePosixPath(path).parts), "rb")
+                if final is not None and final["size"] != planned:
+                    return
+                # the bytes written so far: the copying thread flushed them before telling
+                if f is not None and _send_range(conn, f, offset, min(written, planned)) < min(written, planned):
+                    return
+                offset = min(written, planned)
+                if final is not None:
+                    _send_entry(conn, final)
+                    return
+        finally:
+            if f is not None:
+                f.close()
+
+
+def _received(conn: socket.socket, size: int, what: str,
+              final: dict[str, Any] | None = None) -> Iterator[memoryview]:
     """Exactly ``size`` bytes from ``conn``, in views of one reused buffer, each valid
     until the next is taken; the sender must then end the stream.
+
+    With ``final``, the bytes are followed by a file's manifest entry
+    (:func:`_send_entry`), which ``final`` receives.
 
     Raises
     ------
     StagingError
-        The stream ended before ``size`` bytes, or went on after them.
+        The stream ended before ``size`` bytes (and the entry), or went on after them.
     """
     buffer = memoryview(bytearray(max(1, min(size, STREAM_BUFFER))))
     left = size
@@ -508,8 +738,27 @@ def _received(conn: socket.socket, size: int, what: str) -> Iterator[memoryview]
             filled += n
         left -= want
         yield buffer[:want]
+    if final is not None:
+        (length,) = TRAILER.unpack(_exactly(conn, TRAILER.size, what))
+        if length > 1 << 16:
+            raise StagingError(f"{what}: an entry of {length} bytes")
+        try:
+            entry = json.loads(_exactly(conn, length, what))
+        except ValueError as exc:
+            raise StagingError(f"{what}: a bad entry") from exc
+        if not isinstance(entry, dict):
+            raise StagingError(f"{what}: a bad entry {entry!r}")
+        final.update(entry)
     if conn.recv(1):
         raise StagingError(f"{what}: the stream is longer than {size} bytes")
+
+
+def _exactly(conn: socket.socket, n: int, what: str) -> bytes:
+    """The next ``n`` bytes from ``conn``."""
+    data = conn.recv(n, socket.MSG_WAITALL) if n else b""
+    if len(data) != n:
+        raise StagingError(f"{what}: the stream ended before the file's entry")
+    return data
 
 
 def _dirname(files: str) -> str:
@@ -522,9 +771,12 @@ def _dirname(files: str) -> str:
 
 
 def _write(target: str, chunks: Iterator[bytes | memoryview], digest: bool = True,
-           expect: int | None = None) -> tuple[int, str | None, int]:
+           expect: int | None = None, progress: Callable[[int], None] | None = None) -> tuple[int, str | None, int]:
     """Write ``chunks`` to a new file ``target``; return its size, BLAKE2b digest
     (None if not ``digest``) and CRC-32.
+
+    ``progress``: called with the bytes written so far after each chunk, once they
+    can be read from the file.
 
     ``expect``: the size the file should get, allocated before writing (on this
     machine's ext4, writing into allocated blocks takes a fifth of the CPU of
@@ -550,6 +802,9 @@ def _write(target: str, chunks: Iterator[bytes | memoryview], digest: bool = Tru
             crc = zlib.crc32(data, crc)
             out.write(data)  # larger than the file's buffer: written through, no copy
             size += len(data)
+            if progress is not None:
+                out.flush()  # a small chunk may sit in the buffer, out of a reader's sight
+                progress(size)
         if expect and size != expect:
             out.truncate(size)  # a source that changed: the copy has what was read
     return size, None if strong is None else strong.hexdigest(), crc
@@ -574,9 +829,9 @@ def _clear(tmp: str) -> None:
         shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
 
 
-def _entries(manifest: Any, top: str) -> list[dict[str, Any]]:
+def _entries(manifest: Any, top: str, partial: bool = False) -> list[dict[str, Any]]:
     """The files of a manifest from a peer, refusing any that would land outside
-    ``<copy>/<top>``.
+    ``<copy>/<top>``. With ``partial`` (a copy being made), entries have no digests.
 
     >>> _entries({"files": [{"path": "m/w.bin", "size": 3, "digest": "ab"}]}, "m")
     [{'path': 'm/w.bin', 'size': 3, 'digest': 'ab'}]
@@ -592,7 +847,8 @@ def _entries(manifest: Any, top: str) -> list[dict[str, Any]]:
         path = PurePosixPath(e.get("path", "")) if isinstance(e, dict) else PurePosixPath()
         if (
             len(path.parts) < 2 or path.parts[0] != top or ".." in path.parts
-            or not isinstance(e.get("size"), int) or e["size"] < 0 or not isinstance(e.get("digest"), str)
+            or not isinstance(e.get("size"), int) or e["size"] < 0
+            or not (partial or isinstance(e.get("digest"), str))
             or not isinstance(e.get("crc32", 0), int)
         ):
             raise StagingError(f"bad manifest entry {e!r}")
