@@ -231,19 +231,22 @@ class WorkerContexts(WorkerPlugin):
 
     def _send_back(self, key: Hashable, name: str, annotations: dict[str, Any]) -> bool:
         """Whether the unmarked task ``key``, asking for ``name``, goes back to the router."""
+        routed = self.routed and not annotations.get(UNROUTED)
+        if not routed:
+            return False  # the common case without a router: nothing more to look at
         group = key_split_group(key)
         cache = self.cache
-        now = time.monotonic()
-        # a key is forgotten after a while only so that the record stays small
-        self._sent_back = {k: t for k, t in self._sent_back.items() if now - t < SENT_BACK_MEMORY}
         go = send_back_unmarked(
-            routed=self.routed and not annotations.get(UNROUTED),
+            routed=routed,
             known=name in cache.names(),
             warm=name in cache.resident_bytes() or name in cache.host_bytes() or name in cache.loading(),
             sent_back_before=key in self._sent_back,
             other_contexts={c for g, a, c in list(self._reported) if g == group and a == "uses"} - {name},
         )
         if go:
+            now = time.monotonic()
+            # a key is forgotten after a while only so that the record stays small
+            self._sent_back = {k: t for k, t in self._sent_back.items() if now - t < SENT_BACK_MEMORY}
             self._sent_back[key] = now
             logger.debug("Task %s asks for context %r, cold here: sent back to the router", key, name)
         return go
