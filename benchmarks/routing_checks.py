@@ -7,7 +7,9 @@ Three models under a budget of one model per worker, 2 process workers, 30 batch
 of 2 claims per model, all submitted at once, marked five ways: ``client.map``
 inside ``use()`` with no size declared, with sizes declared 10x too large and 10x
 too small, a bag per model built inside ``use()`` and computed outside it, and no
-mark at all (the router learns from ``get_context`` calls). The minimum is 3 loads.
+mark at all (the router learns from ``get_context`` calls; the unmarked tasks that
+find their model cold on a worker go back once instead of loading it there, counted
+as "tasks sent back"). The minimum is 3 loads.
 Then one model, a bag built inside ``use()`` and computed outside: loads against
 workers, tasks routed and which task groups were routed.
 """
@@ -44,6 +46,10 @@ def cluster(budget: int | None = None) -> LocalCluster:
         return LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
 
 
+def _sent_back(dask_worker: Any) -> int:
+    return len(dask_worker.extensions["dask-context"]._sent_back)
+
+
 def three_models(paths: list[Path], mode: str) -> dict[str, Any]:
     nbytes = 431_936  # one tiny model's weights; the budget holds one
     memory = {"map, sizes 10x too large": 10 * nbytes, "map, sizes 10x too small": nbytes // 10}.get(mode)
@@ -69,6 +75,7 @@ def three_models(paths: list[Path], mode: str) -> dict[str, Any]:
             dask.compute(*bags)
         wall = time.perf_counter() - start
         report = dc.report(client)
+        sent_back = sum(client.run(_sent_back).values())
         r = report["contexts"]
     return {
         "mode": mode,
@@ -78,6 +85,7 @@ def three_models(paths: list[Path], mode: str) -> dict[str, Any]:
         "most held by a worker at the end (budget 1.5 models)": round(
             max(sum(w["resident"].values()) for w in report["workers"].values()) / nbytes, 2),
         "tasks routed": sum(c["tasks"] for c in r.values()),
+        "tasks sent back": sent_back,
         "wall s": round(wall, 2),
     }
 
