@@ -163,7 +163,8 @@ def read_load_log(log: str | os.PathLike[str]) -> dict[str, Any]:
     -------
     ``{"loads": started loads, "completed": finished loads, "seconds": mean seconds of
     a finished load (None if none), "per_model": {model: started loads}, "first_start":
-    wall-clock time the first load started (None if none)}``.
+    wall-clock time the first load started (None if none), "spans": (pid, start, stop)
+    of each finished load}``.
 
     Examples
     --------
@@ -173,7 +174,7 @@ def read_load_log(log: str | os.PathLike[str]) -> dict[str, Any]:
     >>> append_record(log, {"event": "done", "model": "m0", "start": 10.0, "seconds": 2.0})
     >>> append_record(log, {"event": "start", "model": "m1", "start": 11.0})
     >>> read_load_log(log)
-    {'loads': 2, 'completed': 1, 'seconds': 2.0, 'total_seconds': 2.0, 'per_model': {'m0': 1, 'm1': 1}, 'first_start': 10.0}
+    {'loads': 2, 'completed': 1, 'seconds': 2.0, 'total_seconds': 2.0, 'per_model': {'m0': 1, 'm1': 1}, 'first_start': 10.0, 'spans': [(None, 10.0, 12.0)]}
     """
     path = Path(log)
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -189,4 +190,5 @@ def read_load_log(log: str | os.PathLike[str]) -> dict[str, Any]:
         "total_seconds": sum(done),
         "per_model": per_model,
         "first_start": min((r["start"] for r in starts), default=None),
+        "spans": [(r.get("pid"), r["start"], r["start"] + r["seconds"]) for r in records if r["event"] == "done"],
     }

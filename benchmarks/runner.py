@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -132,6 +133,8 @@ def run_arm(
     arm.setup(client, models, setup)
     graph = pipeline(arm, batches, models, setup)
     initial = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    # load records name the worker process; the breakdown needs its address
+    pids = worker_pids(client)
     t0 = time.time()
     # the scheduler runs in this process (LocalCluster): its CPU time, with the
     # client's, is what scheduling takes from the workers on a small machine
@@ -146,6 +149,7 @@ def run_arm(
     results, t1 = collect(futures, progress, preemptor)
     cpu = time.process_time() - cpu0
     final = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    pids.update(worker_pids(client))
     check(results, batches)
     stream = client.get_task_stream(start=t0)
     extra = arm.teardown(client, models, setup)
@@ -172,6 +176,7 @@ def run_arm(
         "loads_completed": loads.get("completed"),
         "load_seconds": loads.get("seconds"),
         "load_seconds_total": loads.get("total_seconds"),
+        "load_spans": [(pids[pid], a, b) for pid, a, b in loads.get("spans", ()) if pid in pids],
         "loads_per_model": loads.get("per_model"),
         "kills": kills,
         "warnings": warnings,
@@ -236,6 +241,12 @@ def collect(
     return results, stop
 
 
+def worker_pids(client: Client) -> dict[int, str]:
+    """Process id -> address of each worker up now."""
+    pids = client.run(os.getpid, on_error="return")
+    return {pid: address for address, pid in pids.items() if isinstance(pid, int)}
+
+
 def profile_arm(measured: dict[str, Any], *, workers: int, min_loads: int, load_seconds: float, inference_seconds: float) -> dict[str, float]:
     """The time breakdown of a measured arm (see :mod:`benchmarks.timeline`)."""
     return breakdown(
@@ -248,4 +259,5 @@ def profile_arm(measured: dict[str, Any], *, workers: int, min_loads: int, load_
         load_seconds=measured["load_seconds_total"] or 0.0,
         min_load_seconds=min_loads * load_seconds,
         inference_seconds=inference_seconds,
+        loads=measured.get("load_spans", ()),
     )

@@ -8,8 +8,8 @@ split into:
 - ``extra_loads``: load seconds beyond the minimum number of loads;
 - ``slow_tasks``: task compute time beyond loads plus calibrated inference (task
   overhead in the worker, contention, slower inference);
-- ``startup``: time from submission to each initial worker's first task (routing,
-  feeding, the scheduler's start);
+- ``startup``: time from submission to each initial worker's first task or load
+  (routing, feeding, the scheduler's start);
 - ``gaps``: idle time between two tasks of a worker (scheduling latency: the
   worker waits for its next task);
 - ``tail``: idle time after a worker's last task while others still run
@@ -35,6 +35,23 @@ def compute_spans(records: Iterable[Mapping[str, Any]], start: float, stop: floa
     return {w: sorted(s) for w, s in spans.items()}
 
 
+def add_loads(spans: dict[str, list[tuple[float, float]]], loads: Iterable[tuple[str, float, float]],
+              start: float, stop: float) -> dict[str, list[tuple[float, float]]]:
+    """Add to ``spans`` the loads ``(worker, start, stop)`` that ran outside every task
+    of their worker: a worker loading a context before its tasks (dask-context warms
+    workers that way) is busy, not idle, as one loading inside a task is.
+
+    >>> add_loads({"a": [(2.0, 3.0)], "b": [(1.0, 4.0)]}, [("a", 0.0, 2.0), ("b", 1.5, 3.0)], 0.0, 4.0)
+    {'a': [(0.0, 2.0), (2.0, 3.0)], 'b': [(1.0, 4.0)]}
+    """
+    out = {w: list(s) for w, s in spans.items()}
+    for w, a, b in loads:
+        inside = any(x <= a and b <= y for x, y in spans.get(w, ()))
+        if not inside and b >= start and a <= stop:
+            out.setdefault(w, []).append((max(a, start), min(b, stop)))
+    return {w: sorted(s) for w, s in out.items()}
+
+
 def breakdown(
     records: Iterable[Mapping[str, Any]],
     *,
@@ -46,6 +63,7 @@ def breakdown(
     load_seconds: float,
     min_load_seconds: float,
     inference_seconds: float,
+    loads: Iterable[tuple[str, float, float]] = (),
 ) -> dict[str, float]:
     """Split ``wall - limit`` of one arm into the parts listed in the module docstring.
 
@@ -65,6 +83,9 @@ def breakdown(
         Seconds of the loads the limit allows.
     inference_seconds
         Calibrated pure inference seconds of all the arm's claims.
+    loads
+        ``(worker, start, stop)`` of each finished load: those outside the worker's
+        tasks count as its busy time (see :func:`add_loads`).
 
     Returns
     -------
@@ -84,7 +105,7 @@ def breakdown(
     >>> {k: bd[k] for k in ("extra_loads", "slow_tasks", "startup", "gaps", "tail", "other")}
     {'extra_loads': 0.0, 'slow_tasks': 0.0, 'startup': 0.5, 'gaps': 0.0, 'tail': 0.5, 'other': 0.0}
     """
-    spans = compute_spans(records, start, stop)
+    spans = add_loads(compute_spans(records, start, stop), loads, start, stop)
     initial, final = set(initial), set(final)
     compute = sum(b - a for s in spans.values() for a, b in s)
     startup = sum(s[0][0] - start for w, s in spans.items() if w in initial)
