@@ -6,6 +6,10 @@ the first SIGTERM ``GraceTime`` earlier), Kubernetes waits
 ``terminationGracePeriodSeconds``, clouds send spot notices. :class:`PreemptionPlugin`
 turns the warning into a drain of the worker:
 
+0. the worker goes on working while no fresh worker is warm for the contexts it
+   holds, for at most :data:`WORK` of the grace (``work=``): leaving at once would
+   leave its share of the work idle until a replacement has started and loaded,
+   while the kill is still far off;
 1. the worker starts no more tasks: its status becomes ``closing_gracefully``, so
    Dask sends it nothing new, and it tells the router (``dask_context_drain``),
    which feeds it no more context tasks;
@@ -67,6 +71,11 @@ METADATA = ["dask-context", "preemption"]
 POLL = 0.05
 # the nanny closes its worker the hard way this long after the grace, if it is still up
 NANNY_FALLBACK = 1.0
+#: share of the grace a warned worker goes on working while no fresh worker is warm
+#: for its contexts: the drain then has the rest, half of it for the running tasks
+WORK = 0.5
+# how often a warned worker that goes on working asks the router who is warm
+WATCH = 0.25
 
 
 def _signum(sig: str | int) -> signal.Signals:
@@ -156,13 +165,21 @@ class PreemptionPlugin(WorkerPlugin):
         the kill interrupts is recomputed elsewhere, as without a warning.
     signals
         Signals that warn (names or numbers).
+    work
+        Share of ``grace`` the worker goes on working after the warning, until a
+        worker that was not warm then is warm for every context it holds (its
+        replacement, usually); 0 drains at once.
     """
 
     name = PLUGIN_NAME
 
-    def __init__(self, grace: float | str | None = None, signals: Iterable[str | int] | None = None):
+    def __init__(self, grace: float | str | None = None, signals: Iterable[str | int] | None = None,
+                 work: float = WORK):
         self.grace = config.get_seconds("preemption.grace", grace)
         self.signals = tuple(_signum(s) for s in config.get("preemption.signals", signals))
+        if not 0 <= work < 1:
+            raise ValueError(f"work must be a share of the grace, in [0, 1): {work!r}")
+        self.work = work
         self.worker: Worker | None = None
         self._drain: asyncio.Future[dict[str, Any]] | None = None
 
@@ -208,18 +225,31 @@ class PreemptionPlugin(WorkerPlugin):
         """Drain and close the worker within ``grace`` seconds; return a summary.
 
         The summary (also logged as the event ``drained`` under :data:`TOPIC`)
-        holds the tasks given back, the running tasks left unfinished
-        (``abandoned``: they rerun elsewhere) and whether the results were moved to
-        peers (``retired``). The worker closes even when draining fails.
+        holds the seconds it went on working (``worked``), the tasks given back, the
+        running tasks left unfinished (``abandoned``: they rerun elsewhere) and
+        whether the results were moved to peers (``retired``). The worker closes even
+        when draining fails.
         """
         worker = self.worker
         if worker.status not in (Status.running, Status.paused):
             logger.info("Worker %s is %s: nothing to drain (%s)", worker.address, worker.status.name, reason)
             return {"reason": reason, "retired": False}
+        began, signalled = time.monotonic(), time.time()
         logger.warning("Worker %s drains (%s): %.1f s until it must be gone", worker.address, reason, grace)
         try:
+            # the working phase bounds its own wait; this bounds the router's answers too
+            await asyncio.wait_for(self._work_on(grace * self.work), grace * self.work + WATCH)
+        except asyncio.TimeoutError:
+            pass
+        except Exception:
+            # going on working is a gain, never a condition of the drain
+            logger.warning("Worker %s could not watch for its replacement; it drains now",
+                           worker.address, exc_info=True)
+        worked = time.monotonic() - began
+        left = grace - worked
+        try:
             # the steps bound their own waits; this bounds the scheduler's answers too
-            summary = await asyncio.wait_for(self._move_out(reason, grace), grace)
+            summary = await asyncio.wait_for(self._move_out(reason, left, signalled, worked), left)
         except asyncio.TimeoutError:
             logger.warning("Worker %s did not drain within %.1f s; it closes", worker.address, grace)
             summary = {"reason": reason, "retired": False}
@@ -230,10 +260,42 @@ class PreemptionPlugin(WorkerPlugin):
         await worker.close(nanny=True, executor_wait=False, reason=f"dask-context-drain-{reason}")
         return summary
 
-    async def _move_out(self, reason: str, grace: float) -> dict[str, Any]:
-        """Everything but closing: stop, give back, let tasks finish, move results."""
+    async def _work_on(self, limit: float) -> None:
+        """Return once a worker that was not warm now is warm for every context this
+        one holds, or after ``limit`` seconds: until then this worker works as usual.
+
+        Returns at once where there is nothing to wait for: no time, no router, no
+        context held here.
+        """
         worker = self.worker
-        began, signalled = time.monotonic(), time.time()
+        if limit <= 0 or not await router_present(worker.scheduler):
+            return
+        deadline = time.monotonic() + limit
+        report = await worker.scheduler.dask_context_report()
+        held = (report["workers"].get(worker.address) or {}).get("resident") or {}
+        # the workers warm for each context at the warning: a newcomer among them
+        # takes this worker's place
+        before = {c: {*report["contexts"][c]["warm"], worker.address} for c in held if c in report["contexts"]}
+        if not before:
+            return
+        logger.info("Worker %s goes on working for at most %.1f s, until a fresh worker is warm for %s",
+                    worker.address, limit, sorted(before))
+        while time.monotonic() + WATCH < deadline and worker.status in (Status.running, Status.paused):
+            await asyncio.sleep(WATCH)
+            report = await worker.scheduler.dask_context_report()
+            leaving = {a for a, w in report["workers"].items() if w.get("draining")}
+            if all(set(report["contexts"].get(c, {}).get("warm", ())) - warm - leaving for c, warm in before.items()):
+                logger.info("Worker %s: a fresh worker is warm for its contexts; it drains", worker.address)
+                return
+
+    async def _move_out(self, reason: str, grace: float, signalled: float, worked: float) -> dict[str, Any]:
+        """Everything but closing: stop, give back, let tasks finish, move results.
+
+        ``grace``: seconds left until the kill; ``worked``: seconds the worker went
+        on working since the warning at ``signalled``.
+        """
+        worker = self.worker
+        began = time.monotonic()
         deadline = began + grace
         _compat.stop_starting_tasks(worker)
         held = await self._tell_router()
@@ -241,7 +303,8 @@ class PreemptionPlugin(WorkerPlugin):
         worker.log_event(
             TOPIC,
             {
-                "action": "draining", "reason": reason, "signalled": signalled, "grace": grace,
+                "action": "draining", "reason": reason, "signalled": signalled, "grace": grace + worked,
+                "worked": worked,
                 "held": len(held), "given_back": [plain_key(k) for k in given_back],
                 "running": [plain_key(k) for k in _compat.running_keys(worker)],
             },
@@ -258,8 +321,8 @@ class PreemptionPlugin(WorkerPlugin):
         given_back += self._give_back()
         retired = await self._retire(remove=True, deadline=deadline)
         summary = {
-            "action": "drained", "reason": reason, "signalled": signalled,
-            "seconds": time.monotonic() - began, "retired": retired,
+            "action": "drained", "reason": reason, "signalled": signalled, "worked": worked,
+            "seconds": time.monotonic() - began + worked, "retired": retired,
             "given_back": [plain_key(k) for k in given_back], "abandoned": abandoned,
         }
         worker.log_event(TOPIC, summary)
