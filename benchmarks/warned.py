@@ -6,18 +6,19 @@ differs from the ``dask-context`` arm there in two ways; ``dask-context warned``
 in the first, so that the two effects can be told apart:
 
 - every preemption is warned (:class:`benchmarks.preempt.WarningPreemptor`): SIGTERM
-  to the worker process, which drains (:mod:`dask_context.preemption`: it starts no
-  new task, gives back those it has not started, finishes its running one, moves its
+  to the worker process, which drains (:mod:`dask_context.preemption`: it goes on
+  working until its replacement is warm, at most half the grace, then starts no new
+  task, gives back those it has not started, finishes its running one, moves its
   results to a peer and leaves with its nanny), SIGKILL ``grace`` seconds later if it
   is still there; a new worker process, started at the warning, replaces it;
 - the context is declared with ``files=`` (the checkpoint directory). Each worker
   process is a node of its own (:class:`benchmarks.tasks.NodePerProcess`), so a
   replacement stages the checkpoint into an empty node-local directory: from a warm
-  peer, over Dask's comms. Only the staging's reads of the checkpoint itself go to
+  peer (streamed over a connection of its own). Only the staging's reads of the checkpoint itself go to
   the emulated storage, at ``--storage-mbps`` (:class:`benchmarks.coldstart.SharedStorage`,
   which also counts the bytes): one worker reads it when the arm starts, while the
-  other waits for that copy and fetches it, and no worker reads it again while a
-  peer holds a copy. The loader (:func:`benchmarks.loading.load_staged`) reads the
+  other follows that copy as it is made (streamed from that worker as it lands), and
+  no worker reads it again while a peer holds a copy. The loader (:func:`benchmarks.loading.load_staged`) reads the
   staged copy from the local disk, without the storage's bound.
 """
 
@@ -61,8 +62,10 @@ class Warned(DaskContext):
     def teardown(self, client: Client, models: Sequence[Model], arm: ArmSetup) -> dict[str, Any]:
         """Unregister; report how each drain went.
 
-        Adds ``drained`` to the router's counts: seconds, tasks given back and given
-        up, and whether the results were moved, per drained worker.
+        Adds ``drained`` to the router's counts: seconds from the warning to the
+        end of the drain, seconds of them it went on working (until its replacement
+        was warm), tasks given back and given up, and whether the results were
+        moved, per drained worker.
         """
         drained = [m for _, m in client.get_events(preemption.TOPIC)
                    if m.get("action") == "drained" and m["signalled"] >= self._since]
@@ -70,7 +73,7 @@ class Warned(DaskContext):
         # the next arm's register enables draining again, with dask-context's settings
         preemption.disable(client)
         out["drained"] = [
-            {"seconds": m["seconds"], "retired": m["retired"],
+            {"seconds": m["seconds"], "worked": m.get("worked", 0.0), "retired": m["retired"],
              "given_back": len(m["given_back"]), "abandoned": len(m["abandoned"])}
             for m in drained
         ]
