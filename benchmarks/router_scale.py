@@ -58,13 +58,20 @@ METRICS = {
 
 
 class SimulatedWorker:
-    """A worker that runs every task it is sent in no time, over an inproc comm."""
+    """A worker that runs every task it is sent in no time, over an inproc comm.
 
-    def __init__(self, scheduler: str, address: str, contexts: list[str], tokens: dict[str, str]):
+    With ``hold``, it keeps the tasks it is sent (``held``) until :meth:`finish` is
+    called: tests deliver one event at a time that way.
+    """
+
+    def __init__(self, scheduler: str, address: str, contexts: list[str], tokens: dict[str, str],
+                 hold: bool = False):
         self.scheduler = scheduler
         self.address = address
         self.contexts = contexts
         self.tokens = tokens
+        self.hold = hold
+        self.held: list[dict[str, Any]] = []
         self.comm: Any = None
         self.reader: asyncio.Task | None = None
 
@@ -96,18 +103,30 @@ class SimulatedWorker:
             replies = []
             for msg in msgs if isinstance(msgs, list) else [msgs]:
                 if msg.get("op") == "compute-task":
-                    now = time.time()
-                    replies.append({
-                        "op": "task-finished", "key": msg["key"], "run_id": msg["run_id"],
-                        "status": "OK", "nbytes": 28, "type": None, "typename": "int",
-                        "metadata": {}, "thread": 0,
-                        "startstops": [{"action": "compute", "start": now, "stop": now}],
-                        "stimulus_id": f"simulated-finished-{now}",
-                    })
+                    if self.hold:
+                        self.held.append(msg)
+                    else:
+                        replies.append(self._finished(msg))
                 elif msg.get("op") == "close":
                     return
             if replies:
                 await self.comm.write(replies)
+
+    async def finish(self, n: int = 1) -> None:
+        """Report the first ``n`` held tasks finished."""
+        done, self.held = self.held[:n], self.held[n:]
+        await self.comm.write([self._finished(msg) for msg in done])
+
+    @staticmethod
+    def _finished(msg: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "op": "task-finished", "key": msg["key"], "run_id": msg["run_id"],
+            "status": "OK", "nbytes": 28, "type": None, "typename": "int",
+            "metadata": {}, "thread": 0,
+            "startstops": [{"action": "compute", "start": now, "stop": now}],
+            "stimulus_id": f"simulated-finished-{now}",
+        }
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -212,7 +231,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
     specs = [dask_context.ContextSpec(n, dict) for n in names]
     tokens = {s.name: s.token for s in specs}
     pauses = GCPauses()
-    async with Scheduler(protocol="inproc", dashboard_address=None, validate=False) as s:
+    async with Scheduler(protocol="inproc", dashboard=False, validate=False) as s:
         workers = [
             SimulatedWorker(s.address, "inproc://" + global_manager.new_address(), held, tokens)
             for held in holdings(nworkers, names)

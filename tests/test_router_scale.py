@@ -1,0 +1,105 @@
+"""The router's work per task does not grow with the cluster.
+
+A real Scheduler and the real router with simulated workers
+(:mod:`benchmarks.router_scale`): workers are looked at when an event concerns them
+(a slot opened there, a context they serve got tasks), plus at most one scan of the
+workers per routing tick while routed tasks wait. A router that walked the workers on
+every event would look at ``tasks x workers`` of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import dask
+import pytest
+
+from benchmarks import router_scale
+from dask_context import _compat
+
+TASKS = 2000
+
+
+@pytest.fixture
+def examined(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the workers the routing loop examines for a free slot."""
+    count = [0]
+    is_running = _compat.is_running
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return is_running(*args, **kwargs)
+
+    monkeypatch.setattr(_compat, "is_running", counting)
+    return count
+
+
+@pytest.mark.parametrize("contexts", [1, 20])
+def test_workers_examined_per_task_do_not_grow_with_the_workers(examined, monkeypatch, contexts):
+    ticks = []
+    periodic = router_scale.ContextRouter._periodic
+
+    def counted(self):
+        ticks.append(None)
+        periodic(self)
+
+    monkeypatch.setattr(router_scale.ContextRouter, "_periodic", counted)
+    per_task = {}
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False,
+                          "distributed.scheduler.worker-ttl": None}):
+        for workers in (8, 160):
+            examined[0] = 0
+            ticks.clear()
+            out = asyncio.run(router_scale.run(workers, contexts, TASKS, routed=True))
+            assert out["tasks"] == TASKS
+            # one look per finished task (its slot opened), the burst of new tasks,
+            # and one scan per tick while tasks waited: nothing per event scales
+            bound = 2 * TASKS + (len(ticks) + 2) * workers
+            assert examined[0] <= bound, (workers, examined[0], len(ticks))
+            per_task[workers] = (examined[0] - len(ticks) * workers) / TASKS
+    # twenty times the workers: the looks due to events stay about one per task
+    assert per_task[160] <= per_task[8] + 1.0, per_task
+
+
+async def _one_finished_task(nworkers: int, examined: list[int]) -> int:
+    """Workers examined after one task finishes on a full cluster of ``nworkers``."""
+    from distributed import Client, Scheduler
+    from distributed.comm.inproc import global_manager
+
+    import dask_context
+    from dask_context.scheduler import ContextRouter
+
+    spec = dask_context.ContextSpec("c0", dict)
+    async with Scheduler(protocol="inproc", dashboard=False, validate=False) as s:
+        workers = [
+            router_scale.SimulatedWorker(s.address, "inproc://" + global_manager.new_address(),
+                                         ["c0"], {"c0": spec.token}, hold=True)
+            for _ in range(nworkers)
+        ]
+        await asyncio.gather(*(w.start() for w in workers))
+        async with Client(s.address, asynchronous=True) as client:
+            await client.register_plugin(ContextRouter([spec]))
+            await asyncio.gather(*(w.announce(s.rpc(s.address)) for w in workers))
+            with dask_context.use("c0"):
+                futures = client.map(router_scale._touch, range(4 * nworkers), context="c0")
+            # every worker runs one task and holds one more (prefetch)
+            while sum(len(w.held) for w in workers) < 2 * nworkers:
+                await asyncio.sleep(0.01)
+            examined[0] = 0
+            await workers[0].finish(1)
+            while len(workers[0].held) < 2:
+                await asyncio.sleep(0.001)
+            seen = examined[0]
+            del futures
+        await asyncio.gather(*(w.close() for w in workers))
+    return seen
+
+
+def test_one_finished_task_makes_the_router_look_at_its_worker_only(examined):
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False,
+                          "distributed.scheduler.worker-ttl": None}):
+        for workers in (8, 160):
+            seen = asyncio.run(_one_finished_task(workers, examined))
+            # its worker, and at most a routing tick's scan of workers with a free
+            # slot (that one worker, again)
+            assert 1 <= seen <= 2, (workers, seen)
