@@ -46,6 +46,7 @@ import dask_context
 from benchmarks.loading import CHUNK, checkpoint_bytes, checkpoint_files
 from benchmarks.runner import wait_ready
 from benchmarks.tasks import Warmup
+from dask_context import staging
 from dask_context.models import load_causal_lm
 from dask_context.staging import Stager
 
@@ -291,7 +292,7 @@ def list_files(path: str) -> list[str]:
     return sorted(os.listdir(path))
 
 
-def measure_peer_copy(size: int, *, tmp: Path, repeats: int = 3) -> dict[str, Any]:
+def measure_peer_copy(size: int, *, tmp: Path, repeats: int = 3, follow: bool = False) -> dict[str, Any]:
     """CPU seconds per GB of one peer copy, on the sending and the receiving worker.
 
     Two worker processes, each its own node; a directory holding one file of ``size``
@@ -299,6 +300,11 @@ def measure_peer_copy(size: int, *, tmp: Path, repeats: int = 3) -> dict[str, An
     times, on the second from the first (the copy is removed between repeats). The
     CPU of each process (user + system, from ``psutil``) is taken just before and
     after each peer copy; the file is in the page cache on both sides.
+
+    With ``follow``, the second worker follows the first one's copy from ``files``
+    while it is made: each repeat stages on the first worker alone once (its CPU
+    for the copy from ``files``), then on both at once; the sender's CPU of a
+    followed copy is the difference (what serving the follower cost it).
     """
     source = tmp / "peer-copy" / "weights"
     source.mkdir(parents=True, exist_ok=True)
@@ -318,11 +324,30 @@ def measure_peer_copy(size: int, *, tmp: Path, repeats: int = 3) -> dict[str, An
                 while glob.glob(str(tmp / "peer-copy-nodes" / "*" / spec.token)):
                     time.sleep(0.05)
                 continue
-            # the sender's copy of this spec, from the sender's node (a local copy, no peer)
-            client.submit(dask_context.get_context, spec.name, workers=[sender], pure=False).result()
-            before = client.run(_process_cpu)
-            start = time.perf_counter()
-            client.submit(dask_context.get_context, spec.name, workers=[receiver], pure=False).result()
+            source_cpu = 0.0
+            if follow:
+                before = client.run(_process_cpu)
+                client.submit(dask_context.get_context, spec.name, workers=[sender], pure=False).result()
+                source_cpu = client.run(_process_cpu)[sender] - before[sender]
+                dask_context.unregister(client, spec.name)
+                while glob.glob(str(tmp / "peer-copy-nodes" / "*" / spec.token)):
+                    time.sleep(0.05)
+                dask_context.register(client, spec)
+                before = client.run(_process_cpu)
+                start = time.perf_counter()
+                first = client.submit(dask_context.get_context, spec.name, workers=[sender], pure=False)
+                # the sender has the turn at the source before the receiver asks
+                topic = staging.COPYING.format(token=spec.token)
+                while not any(m.get("worker") == sender for _, m in client.get_events(topic)):
+                    time.sleep(0.01)
+                client.submit(dask_context.get_context, spec.name, workers=[receiver], pure=False).result()
+                first.result()
+            else:
+                # the sender's copy of this spec, from the sender's node (a local copy, no peer)
+                client.submit(dask_context.get_context, spec.name, workers=[sender], pure=False).result()
+                before = client.run(_process_cpu)
+                start = time.perf_counter()
+                client.submit(dask_context.get_context, spec.name, workers=[receiver], pure=False).result()
             wall = time.perf_counter() - start
             after = client.run(_process_cpu)
             staged = [m for _, m in client.get_events("dask-context")
@@ -333,7 +358,8 @@ def measure_peer_copy(size: int, *, tmp: Path, repeats: int = 3) -> dict[str, An
                 time.sleep(0.05)
             samples.append({
                 "wall": wall, "copy_seconds": staged[0]["seconds"] if staged else None,
-                "sender_cpu": after[sender] - before[sender], "receiver_cpu": after[receiver] - before[receiver],
+                "sender_cpu": after[sender] - before[sender] - source_cpu,
+                "receiver_cpu": after[receiver] - before[receiver], "source_cpu": source_cpu,
                 "origin": "peer" if staged else "?",
             })
     gb = size / 1e9
@@ -357,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer-copy", type=float, default=None, metavar="GB",
                    help="only measure the CPU of one peer copy of a file of GB gigabytes between two workers")
     p.add_argument("--repeats", type=int, default=3, help="peer copies measured (--peer-copy)")
+    p.add_argument("--follow", action="store_true",
+                   help="with --peer-copy: the receiver follows the sender's copy from files as it is made")
     p.add_argument("--preset", default="bench", help="make_model preset of the checkpoint (cold-start scenario)")
     p.add_argument("--cache", type=Path, default=Path(__file__).resolve().parents[1] / ".dask-context-cache" / "benchmarks",
                    help="where the generated checkpoint is kept")
@@ -368,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="dask-context-coldstart-") as tmp:
         if args.peer_copy is not None:
-            out: Any = measure_peer_copy(int(args.peer_copy * 1e9), tmp=Path(tmp), repeats=args.repeats)
+            out: Any = measure_peer_copy(int(args.peer_copy * 1e9), tmp=Path(tmp), repeats=args.repeats,
+                                         follow=args.follow)
             for s in out["samples"]:
                 print(f"peer copy ({s['origin']}): {s['wall']:.2f} s wall, sender {s['sender_cpu']:.2f} CPU-s, "
                       f"receiver {s['receiver_cpu']:.2f} CPU-s")
