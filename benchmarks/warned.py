@@ -14,11 +14,12 @@ in the first, so that the two effects can be told apart:
 - the context is declared with ``files=`` (the checkpoint directory). Each worker
   process is a node of its own (:class:`benchmarks.tasks.NodePerProcess`), so a
   replacement stages the checkpoint into an empty node-local directory: from a warm
-  peer (streamed over a connection of its own). Only the staging's reads of the checkpoint itself go to
-  the emulated storage, at ``--storage-mbps`` (:class:`benchmarks.coldstart.SharedStorage`,
-  which also counts the bytes): one worker reads it when the arm starts, while the
-  other follows that copy as it is made (streamed from that worker as it lands), and
-  no worker reads it again while a peer holds a copy. The loader (:func:`benchmarks.loading.load_staged`) reads the
+  peer (streamed over a connection of its own). Only the staging's reads of the
+  checkpoint itself go to the emulated storage, at ``--storage-mbps``
+  (:class:`benchmarks.coldstart.SharedStorage`, which also counts the bytes): one
+  worker reads it when the arm starts, while the other follows that copy as it is
+  made (streamed from that worker as it lands), and no worker reads it again while a
+  peer holds a copy. The loader (:func:`benchmarks.loading.load_staged`) reads the
   staged copy from the local disk, without the storage's bound.
 """
 
