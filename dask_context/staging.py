@@ -101,6 +101,10 @@ COPYING = "dask-context-copying-{token}"
 """Scheduler event topic on which a worker announces that it copies a spec's files from
 ``spec.files``: where the others find the copy to follow (the router's turn says only
 whether they may read the source)."""
+FOLLOWERS = 4
+"""Workers that may follow one copy from the source while it is made. Each costs the
+copying worker a share of its network and ``sendfile``'s CPU; the others wait for the
+complete copies, the followers' included, and spread over them."""
 TRAILER = struct.Struct("!I")
 """Length of the JSON that ends a followed file's stream: its final size, digest, CRC-32."""
 MANIFEST = "manifest.json"
@@ -275,6 +279,9 @@ class Stager:
                 followed.add(reader)
                 try:
                     return "peer", reader, self._fetch(reader, spec.token, _dirname(spec.files), tmp, follow=True)
+                except _NoFollow as exc:
+                    # done meanwhile (then a peer), or followed by enough workers already
+                    logger.info("Not following %s: %s", reader, exc)
                 except Exception as exc:
                     # the reader failed, left, or cannot stream: its turn passes on
                     # (or its copy becomes a peer) and the loop goes on from there
@@ -356,7 +363,9 @@ class Stager:
         kwargs = {"partial": True} if follow else {}
         manifest = sync(self.worker.loop, self._remote, peer, "dask_context_manifest", token=token, **kwargs)
         if manifest is None:
-            raise StagingError(f"{peer} holds no copy" if follow else f"{peer} holds no complete copy")
+            if follow:
+                raise _NoFollow(f"{peer} holds no copy that may be followed")
+            raise StagingError(f"{peer} holds no complete copy")
         if manifest.get("algorithm") != ALGORITHM:
             raise StagingError(f"{peer} sent a manifest of {manifest.get('algorithm')!r} digests")
         if manifest.get("partial"):
@@ -484,11 +493,12 @@ class Stager:
     async def serve_manifest(self, token: str, partial: bool = False) -> dict[str, Any] | None:
         """Handler: the manifest of this node's complete copy of ``token``'s files, or None.
 
-        With ``partial``, a copy this worker is making from the source counts too: its
-        manifest then has ``"partial": True`` and only the paths and sizes of its files.
+        With ``partial``, a copy this worker is making from the source counts too, while
+        fewer than :data:`FOLLOWERS` follow it: its manifest then has ``"partial": True``
+        and only the paths and sizes of its files.
         """
         progress = self._copying.get(token) if partial else None
-        if progress is not None:
+        if progress is not None and progress.follow():
             return {"algorithm": ALGORITHM, "partial": True,
                     "files": [{"path": p, "size": n} for p, n in progress.planned.items()]}
         return await asyncio.to_thread(_complete, self._copy_dir(token))
@@ -557,6 +567,10 @@ class Stager:
         if manifest is None or path not in {e["path"] for e in manifest["files"]}:
             raise StagingError(f"no file {path!r} in the copy of {token} here")
         return os.path.join(copy, *PurePosixPath(path).parts)
+
+
+class _NoFollow(StagingError):
+    """A peer has no copy being made that may be followed; nothing was received."""
 
 
 class _NoStream(Exception):
@@ -655,7 +669,16 @@ class _Progress:
         self._written: dict[str, int] = {}
         self._final: dict[str, dict[str, Any]] = {}
         self._failed = False
+        self._followers = 0
         self._changed = threading.Condition()
+
+    def follow(self) -> bool:
+        """Take one of the :data:`FOLLOWERS` places; False when none is left."""
+        with self._changed:
+            if self._followers >= FOLLOWERS:
+                return False
+            self._followers += 1
+            return True
 
     def wrote(self, path: str, size: int) -> None:
         with self._changed:
@@ -691,7 +714,8 @@ class _Progress:
             while True:
                 with self._changed:
                     if not self._changed.wait_for(
-                        lambda sent=offset: self._failed or path in self._final or self._written.get(path, 0) > sent,
+                        lambda sent=offset: (self._failed or path in self._final
+                                             or min(self._written.get(path, 0), planned) > sent),
                         TIMEOUT,
                     ) or self._failed:
                         return

@@ -248,3 +248,32 @@ async def test_a_source_worker_killed_mid_stream_leaves_the_follower_to_read_the
     assert got["files"] == read_tree(str(shared))["files"]
     assert not list((tmp_path / "n2").glob(".tmp-*"))
 
+
+
+@gen_cluster(client=True, nthreads=[])
+async def test_workers_beyond_the_followers_allowed_wait_for_a_complete_copy(c, s, tmp_path, shared, gate,
+                                                                              monkeypatch):
+    monkeypatch.setattr(staging, "FOLLOWERS", 1)
+    places = []
+    follow = staging._Progress.follow
+
+    def counting(self):
+        places.append(follow(self))
+        return places[-1]
+
+    monkeypatch.setattr(staging._Progress, "follow", counting)
+    await dc.register(c, dc.ContextSpec("other", dict))
+    async with on_node(s, tmp_path, "n1"), on_node(s, tmp_path, "n2"), on_node(s, tmp_path, "n3"):
+        spec = spec_for(shared, eager=True)
+        await dc.register(c, spec)
+        await async_poll_for(gate.held.is_set, timeout=10)
+        # one follower has its place; the other was refused one (it asks again while it waits)
+        await async_poll_for(lambda: True in places and False in places, timeout=10)
+        gate.opened.set()
+        staged = await worker_events(c, "staged", 3)
+    assert places.count(True) == 1
+    assert len(gate.reads) == 1
+    assert sorted(e["origin"] for e in staged) == ["files", "peer", "peer"]
+    for n in ("n1", "n2", "n3"):
+        copy = tmp_path / n / spec.token / "weights" / "model.bin"
+        assert copy.read_bytes() == (shared / "model.bin").read_bytes()
