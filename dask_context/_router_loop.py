@@ -24,9 +24,12 @@ if TYPE_CHECKING:
     from distributed.scheduler import TaskState
 
 # a re-plan runs at most every scheduler.interval, and no more often than every
-# REPLAN_SHARE times its own duration (at most 5% of the scheduler's time); one asked
-# for by a context no worker serves, every MIN_REPLAN_GAP s or URGENT_SHARE durations
-REPLAN_SHARE = 20
+# REPLAN_SHARE times its own duration (at most 2% of the scheduler's time: on a
+# cluster of a thousand workers a plan takes milliseconds, and trivial tasks finish
+# thousands a second); one due because new work has settled waits for the share but
+# not for the interval; one asked for by a context no worker serves, every
+# MIN_REPLAN_GAP s or URGENT_SHARE durations
+REPLAN_SHARE = 50
 MIN_REPLAN_GAP = 0.02
 URGENT_SHARE = 5
 
@@ -126,10 +129,12 @@ class RoutingMixin(RouterBase):
             since = now - self._last_replan
             # a plan looks at every worker: on a large cluster it runs less often, so
             # that planning never takes more than a small share of the scheduler
+            share = REPLAN_SHARE * self._replan_seconds
             if self._replan_wanted and (
-                since >= max(self.interval, REPLAN_SHARE * self._replan_seconds)
+                since >= max(self.interval, share)
+                or (now >= self._replan_due and since >= max(MIN_REPLAN_GAP, share))
                 or (since >= max(MIN_REPLAN_GAP, URGENT_SHARE * self._replan_seconds)
-                    and (now >= self._replan_due or self._unserved()))
+                    and self._unserved())
             ):
                 self._replan_wanted = False
                 self._last_replan = now
