@@ -8,7 +8,11 @@ of them fit on a small machine; the task sleeps its millisecond (a GIL-free wait
 an inference call on a GPU is), so the scheduler and the router are what is
 measured. The context is already warm on every worker before the clock starts, and
 the plain arm runs the same function without a mark. Arms alternate, each repeated,
-so that the spread of each shows the run-to-run noise.
+so that the spread of each shows the run-to-run noise; the order flips every round
+(plain first, then dask-context first), because every run leaves the in-process
+cluster a little slower than the one before (distributed keeps recent tasks and
+events in bounded logs, so the heap and its collections grow for a while), which
+favours whichever arm runs first.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def run(client: Client, ntasks: int, seconds: float, routed: bool, tag: str) -> 
         futures = client.map(plain_step, range(ntasks), seconds=seconds, key=keys)
     wait(futures)
     wall = time.perf_counter() - start
-    client.cancel(futures)
+    del futures  # released, not cancelled: a cancel logs a line per key
     return wall
 
 
@@ -58,7 +62,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks per arm")
     parser.add_argument("--workers", type=int, default=16, help="in-process workers, 1 thread each")
     parser.add_argument("--seconds", type=float, default=0.001, help="duration of a task")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each arm, alternated")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="rounds, each a run of both arms, the first arm alternating")
     parser.add_argument("--json", action="store_true", help="one JSON object")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write fine_tasks.json and fine_tasks.md into this folder")
@@ -72,8 +77,8 @@ def main() -> None:
                 f"warm-{i}" for i in range(4 * args.workers)]))
         walls: dict[str, list[float]] = {"plain": [], "dask-context": []}
         for r in range(args.repeat):
-            walls["plain"].append(run(client, args.tasks, args.seconds, False, f"plain{r}"))
-            walls["dask-context"].append(run(client, args.tasks, args.seconds, True, f"ctx{r}"))
+            for arm in ("plain", "dask-context")[::1 if r % 2 == 0 else -1]:
+                walls[arm].append(run(client, args.tasks, args.seconds, arm != "plain", f"{arm}{r}"))
         warm = len(dask_context.report(client)["contexts"]["fine"]["warm"])
     out = {
         "tasks": args.tasks, "workers": args.workers, "task_seconds": args.seconds,
@@ -82,17 +87,21 @@ def main() -> None:
         "dask_context_s": [round(w, 2) for w in walls["dask-context"]],
         "ratio_of_medians": round(
             statistics.median(walls["dask-context"]) / statistics.median(walls["plain"]), 3),
+        "round_ratios": [round(c / p, 3) for p, c in zip(walls["plain"], walls["dask-context"])],
     }
+    out["median_round_ratio"] = round(statistics.median(out["round_ratios"]), 3)
     line = (f"{args.tasks} tasks of {args.seconds * 1000:g} ms on {args.workers} workers "
-            f"({warm} warm): plain {out['plain_s']} s, dask-context {out['dask_context_s']} s, "
-            f"ratio of medians {out['ratio_of_medians']}")
+            f"({warm} warm), {args.repeat} rounds: plain {out['plain_s']} s, dask-context "
+            f"{out['dask_context_s']} s; dask-context / plain per round {out['round_ratios']}, "
+            f"median {out['median_round_ratio']}; ratio of medians {out['ratio_of_medians']}")
     print(json.dumps(out) if args.json else line)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "fine_tasks.json").write_text(json.dumps(out, indent=1))
         (args.out / "fine_tasks.md").write_text(
             "# Fine tasks\n\n`python -m benchmarks.fine_tasks`: in-process workers, one "
-            "thread each, warm, arms alternated (plain first).\n\n" + line + "\n")
+            "thread each, warm; each round runs both arms, plain first in even rounds and "
+            "dask-context first in odd ones.\n\n" + line + "\n")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import asyncio
 import functools
 import gc
 import json
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -286,6 +287,34 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
     }
 
 
+def summarize(routed: list[dict[str, Any]], plain: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per size: the median of each measure over the repeated runs (one
+    run of a few seconds on a shared machine varies by 10-20%), and every run's
+    router cost.
+
+    >>> r = [{"router_us_per_task": u, "own_us_per_task": u / 2, "gc_in_router_us_per_task": 0.0,
+    ...       "wall_s": w, "gc_s": 0.1, "top": [], "workers": 16, "contexts": 1, "tasks": 10}
+    ...      for u, w in [(30.0, 2.0), (40.0, 3.0), (35.0, 2.5)]]
+    >>> p = [{"wall_s": w, "gc_s": 0.1} for w in (2.0, 2.5, 2.4)]
+    >>> row = summarize(r, p)
+    >>> row["router_us_per_task"], row["router_us_runs"], row["vs_plain"], row["runs"]
+    (35.0, [30.0, 40.0, 35.0], 1.04, 3)
+    """
+    def median(rows: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    mid = sorted(routed, key=lambda r: r["router_us_per_task"])[len(routed) // 2]
+    row = dict(mid)
+    for key in ("router_us_per_task", "own_us_per_task", "gc_in_router_us_per_task", "wall_s", "gc_s"):
+        row[key] = round(median(routed, key), 3)
+    row["router_us_runs"] = [r["router_us_per_task"] for r in routed]
+    row["plain_wall_s"] = round(median(plain, "wall_s"), 3)
+    row["plain_gc_s"] = round(median(plain, "gc_s"), 3)
+    row["vs_plain"] = round(row["wall_s"] / row["plain_wall_s"], 2)
+    row["runs"] = len(routed)
+    return row
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """The curve as Markdown: one line per (contexts, workers)."""
     lines = [
@@ -293,20 +322,23 @@ def table(rows: list[dict[str, Any]]) -> str:
         "",
         "`python -m benchmarks.router_scale`: a real Scheduler and the real router, with "
         "simulated workers over in-process comms (see the module's docstring). "
-        f"{rows[0]['tasks']} trivial tasks per size. `router`: microseconds per task inside "
+        f"{rows[0]['tasks']} trivial tasks per size; each arm runs {rows[0]['runs']} times, "
+        "alternated, and each column is the median (`router runs`: every run). `router`: "
+        "microseconds per task inside "
         "the router's methods, including the scheduler transitions that placing a task runs "
         "(plain Dask runs those too, in its own placement); `own`: without them. Garbage "
         "collections are timed apart, wherever they strike: `gc in router` is the share "
         "that struck inside the router, `gc` the whole run's pauses for each arm.",
         "",
-        "| contexts | workers | router (us/task) | own (us/task) | gc in router (us/task) | "
-        "wall (s) | plain wall (s) | wall vs plain | gc (s) | plain gc (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| contexts | workers | router (us/task) | router runs | own (us/task) | "
+        "gc in router (us/task) | wall (s) | plain wall (s) | wall vs plain | gc (s) | "
+        "plain gc (s) |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['contexts']} | {r['workers']} | {r['router_us_per_task']:.1f} | "
-            f"{r['own_us_per_task']:.1f} | {r['gc_in_router_us_per_task']:.1f} | "
+            f"{', '.join(f'{u:.1f}' for u in r['router_us_runs'])} | {r['own_us_per_task']:.1f} | {r['gc_in_router_us_per_task']:.1f} | "
             f"{r['wall_s']:.2f} | {r['plain_wall_s']:.2f} | {r['vs_plain']:.2f}x | "
             f"{r['gc_s']:.2f} | {r['plain_gc_s']:.2f} |"
         )
@@ -321,6 +353,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each arm per size, alternated; the table shows medians")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write router_scale.json and router_scale.md into this folder")
@@ -331,23 +365,22 @@ def main() -> None:
                           "distributed.scheduler.worker-ttl": None}):
         for ncontexts in args.contexts:
             for nworkers in args.workers:
-                plain = asyncio.run(run(nworkers, ncontexts, args.tasks, routed=False))
-                routed = asyncio.run(run(nworkers, ncontexts, args.tasks, routed=True))
-                routed["vs_plain"] = round(routed["wall_s"] / plain["wall_s"], 2)
-                routed["plain_wall_s"] = plain["wall_s"]
-                routed["plain_gc_s"] = plain["gc_s"]
-                rows.append(routed)
+                plain, routed = [], []
+                for _ in range(args.repeat):
+                    plain.append(asyncio.run(run(nworkers, ncontexts, args.tasks, routed=False)))
+                    routed.append(asyncio.run(run(nworkers, ncontexts, args.tasks, routed=True)))
+                row = summarize(routed, plain)
+                rows.append(row)
                 if args.json:
-                    print(json.dumps(routed), flush=True)
+                    print(json.dumps(row), flush=True)
                 else:
                     print(
                         f"{nworkers:5d} workers {ncontexts:4d} contexts: "
-                        f"{routed['router_us_per_task']:7.1f} us/task in the router "
-                        f"({routed['own_us_per_task']:.1f} without Dask's transitions), wall "
-                        f"{routed['wall_s']:.2f} s vs plain {plain['wall_s']:.2f} s "
-                        f"({routed['vs_plain']:.2f}x); collections {routed['gc_s']:.2f} s "
-                        f"vs {plain['gc_s']:.2f} s, {routed['gc_in_router_us_per_task']:.1f} "
-                        f"us/task of them inside the router  top: {routed['top'][:3]}",
+                        f"{row['router_us_per_task']:7.1f} us/task in the router "
+                        f"({row['own_us_per_task']:.1f} without Dask's transitions; runs "
+                        f"{row['router_us_runs']}), wall {row['wall_s']:.2f} s vs plain "
+                        f"{row['plain_wall_s']:.2f} s ({row['vs_plain']:.2f}x); collections "
+                        f"{row['gc_s']:.2f} s vs {row['plain_gc_s']:.2f} s  top: {row['top'][:3]}",
                         flush=True,
                     )
     if args.out is not None:

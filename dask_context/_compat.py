@@ -218,6 +218,16 @@ def running_workers(scheduler: Scheduler) -> list[WorkerState]:
     return list(scheduler.running)
 
 
+def free_workers(scheduler: Scheduler) -> list[WorkerState]:
+    """Running workers with fewer tasks than threads.
+
+    Read from the scheduler's ``idle`` index (kept by ``check_idle_saturated`` on
+    every processing and status change, and a superset of these), so that finding
+    them does not scan every worker of the cluster.
+    """
+    return [ws for ws in scheduler.idle.values() if len(ws.processing) < ws.nthreads]
+
+
 def processing_count(ws: WorkerState) -> int:
     return len(ws.processing)
 

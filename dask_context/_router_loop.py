@@ -96,13 +96,9 @@ class RoutingMixin(RouterBase):
         # stale choices and over-full workers are left to tidy, now and then
         self._replan_wanted |= bool(self.state.queued) or self._ticks % 5 == 0
         # workers whose slots opened without a routed task leaving them (plain tasks
-        # finished there) are fed here: a scan of the workers, a few times a second,
-        # and only while routed tasks wait
+        # finished there) are fed here, a few times a second while routed tasks wait
         if self.state.queued:
-            self._dirty_workers.update(
-                ws.address for ws in _compat.running_workers(self.scheduler)
-                if _compat.processing_count(ws) < ws.nthreads
-            )
+            self._dirty_workers.update(ws.address for ws in _compat.free_workers(self.scheduler))
         if self._ticks % 5 == 0:
             self._reconcile(full=self._ticks % 25 == 0)
         if self.state.contexts and now - self._last_survey > self.reconcile_interval and any(

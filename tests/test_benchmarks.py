@@ -161,7 +161,9 @@ def test_warned_peers_read_the_storage_only_for_copies_from_it(quick):
     assert row["extra"]["source_bytes"] == sum(c["nbytes"] for c in staged if c["origin"] == "files")
 
 
-@pytest.mark.parametrize("module", ["loading", "calibrate", "plan", "timeline", "coldstart", "tasks", "report"])
+@pytest.mark.parametrize(
+    "module", ["loading", "calibrate", "plan", "timeline", "coldstart", "tasks", "report", "router_scale"]
+)
 def test_doctests(module):
     mod = importlib.import_module(f"benchmarks.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
