@@ -92,9 +92,12 @@ class RoutingMixin(RouterBase):
         self._ticks += 1
         now = time.monotonic()
         self.state.expire_failures(now, self.retry)
-        # queued work may be worth spreading as its backlog grows; with none, only
-        # stale choices and over-full workers are left to tidy, now and then
-        self._replan_wanted |= bool(self.state.queued) or self._ticks % 5 == 0
+        # queued work may be worth spreading as its backlog grows, onto a worker
+        # that idles (the only ones a plan spreads to); otherwise only stale choices
+        # and over-full workers are left to tidy, now and then
+        self._replan_wanted |= self._ticks % 5 == 0 or bool(self.state.queued) and (
+            self._unserved() or self._spare_worker()
+        )
         # workers whose slots opened without a routed task leaving them (plain tasks
         # finished there) are fed here, a few times a second while routed tasks wait
         if self.state.queued:
@@ -142,6 +145,23 @@ class RoutingMixin(RouterBase):
             self._feed()
         except Exception:
             self._fail_safe("routing", self._all_waiting())
+
+    def _spare_worker(self) -> bool:
+        """Whether a running worker idles without a context that has queued work:
+        :func:`~dask_context.policy.plan_routes` spreads work onto those only, so
+        while there is none a periodic plan could change nothing. Read from the
+        scheduler's index of idle workers: no scan of a busy cluster."""
+        st = self.state
+        for ws in _compat.free_workers(self.scheduler):
+            w = st.workers.get(ws.address)
+            if w is None or w.draining or _compat.processing_count(ws):
+                continue
+            if not any(
+                c in st.queued and ws.address in st.contexts[c].allowed
+                for c in (*w.resident, *w.loading, *w.chosen)
+            ):
+                return True
+        return False
 
     def _unserved(self) -> bool:
         """Whether a context with queued tasks has no worker to go to."""

@@ -103,3 +103,51 @@ def test_one_finished_task_makes_the_router_look_at_its_worker_only(examined):
             # its worker, and at most a routing tick's scan of workers with a free
             # slot (that one worker, again)
             assert 1 <= seen <= 2, (workers, seen)
+
+
+async def _replans_on_a_full_cluster(nworkers: int, seconds: float) -> tuple[int, int]:
+    """Plans made, and routing ticks, during ``seconds`` in which every worker of a
+    cluster of ``nworkers`` runs a context task while more of them wait."""
+    from distributed import Client, Scheduler
+    from distributed.comm.inproc import global_manager
+
+    import dask_context
+    from dask_context.scheduler import ContextRouter
+
+    spec = dask_context.ContextSpec("c0", dict)
+    async with Scheduler(protocol="inproc", dashboard=False, validate=False) as s:
+        workers = [
+            router_scale.SimulatedWorker(s.address, "inproc://" + global_manager.new_address(),
+                                         ["c0"], {"c0": spec.token}, hold=True)
+            for _ in range(nworkers)
+        ]
+        await asyncio.gather(*(w.start() for w in workers))
+        async with Client(s.address, asynchronous=True) as client:
+            await client.register_plugin(ContextRouter([spec]))
+            router = s.plugins["dask-context"]
+            await asyncio.gather(*(w.announce(s.rpc(s.address)) for w in workers))
+            with dask_context.use("c0"):
+                futures = client.map(router_scale._touch, range(4 * nworkers), context="c0")
+            while sum(len(w.held) for w in workers) < 2 * nworkers:
+                await asyncio.sleep(0.01)
+            plans, ticks = [0], [0]
+            replan, periodic = router._replan, router._periodic
+            router._replan = lambda: (plans.__setitem__(0, plans[0] + 1), replan())
+            router._periodic = lambda: (ticks.__setitem__(0, ticks[0] + 1), periodic())
+            s.periodic_callbacks["dask-context"].callback = router._periodic
+            await asyncio.sleep(seconds)
+            assert router.state.contexts["c0"].waiting == 2 * nworkers
+            del futures
+        await asyncio.gather(*(w.close() for w in workers))
+    return plans[0], ticks[0]
+
+
+def test_a_full_cluster_is_not_replanned_every_tick():
+    # a plan looks at every worker, and spreads work only onto idle ones: with none,
+    # only the tidying plan every fifth tick runs, however long the queue (and the
+    # one due once the new work has settled, if it comes after the count starts)
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False,
+                          "distributed.scheduler.worker-ttl": None}):
+        plans, ticks = asyncio.run(_replans_on_a_full_cluster(64, 2.0))
+    assert ticks >= 5, ticks
+    assert plans <= ticks // 5 + 2, (plans, ticks)
