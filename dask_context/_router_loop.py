@@ -99,9 +99,12 @@ class RoutingMixin(RouterBase):
             self._unserved() or self._spare_worker()
         )
         # workers whose slots opened without a routed task leaving them (plain tasks
-        # finished there) are fed here, a few times a second while routed tasks wait
+        # finished there) are fed here, a few times a second while routed tasks wait;
+        # those found free when last fed were fed since any of their contexts got tasks
         if self.state.queued:
-            self._dirty_workers.update(ws.address for ws in _compat.free_workers(self.scheduler))
+            self._dirty_workers.update(
+                a for ws in _compat.free_workers(self.scheduler) if (a := ws.address) not in self._free
+            )
         if self._ticks % 5 == 0:
             self._reconcile(full=self._ticks % 25 == 0)
         if self.state.contexts and now - self._last_survey > self.reconcile_interval and any(
