@@ -3,7 +3,7 @@
 One command measures everything on this machine and writes ``results.json``,
 ``results.md`` and ``results.png``:
 
-    python benchmarks/run.py                 # full run (about 20 minutes here)
+    python benchmarks/run.py                 # full run (about 30 minutes here)
     python benchmarks/run.py --quick         # tiny model, few tasks, no Ray (about 80 s)
 
 See ``benchmarks/README.md`` for the scenarios, the regimes and how to read the table.
