@@ -87,7 +87,8 @@ def main() -> None:
         "dask_context_s": [round(w, 2) for w in walls["dask-context"]],
         "ratio_of_medians": round(
             statistics.median(walls["dask-context"]) / statistics.median(walls["plain"]), 3),
-        "round_ratios": [round(c / p, 3) for p, c in zip(walls["plain"], walls["dask-context"])],
+        "round_ratios": [
+            round(c / p, 3) for p, c in zip(walls["plain"], walls["dask-context"], strict=True)],
     }
     out["median_round_ratio"] = round(statistics.median(out["round_ratios"]), 3)
     line = (f"{args.tasks} tasks of {args.seconds * 1000:g} ms on {args.workers} workers "

@@ -23,12 +23,10 @@ from dask_context.policy import plan_routes
 if TYPE_CHECKING:
     from distributed.scheduler import TaskState
 
-# a re-plan runs at most every scheduler.interval, and no more often than every
-# REPLAN_SHARE times its own duration (at most 2% of the scheduler's time: on a
-# cluster of a thousand workers a plan takes milliseconds, and trivial tasks finish
-# thousands a second); one due because new work has settled waits for the share but
-# not for the interval; one asked for by a context no worker serves, every
-# MIN_REPLAN_GAP s or URGENT_SHARE durations
+# a re-plan runs at most every scheduler.interval and REPLAN_SHARE times its own
+# duration (2% of the scheduler's time: a plan of 1,000 workers takes milliseconds);
+# one due to settled new work skips the interval; one for a context no worker
+# serves waits only MIN_REPLAN_GAP s or URGENT_SHARE durations
 REPLAN_SHARE = 50
 MIN_REPLAN_GAP = 0.02
 URGENT_SHARE = 5
@@ -95,16 +93,14 @@ class RoutingMixin(RouterBase):
         # queued work may be worth spreading as its backlog grows, onto a worker
         # that idles (the only ones a plan spreads to); otherwise only stale choices
         # and over-full workers are left to tidy, now and then
-        self._replan_wanted |= self._ticks % 5 == 0 or bool(self.state.queued) and (
-            self._unserved() or self._spare_worker()
-        )
+        self._replan_wanted |= self._ticks % 5 == 0 or (
+            bool(self.state.queued) and (self._unserved() or self._spare_worker()))
         # workers whose slots opened without a routed task leaving them (plain tasks
         # finished there) are fed here, a few times a second while routed tasks wait;
         # those found free when last fed were fed since any of their contexts got tasks
         if self.state.queued:
-            self._dirty_workers.update(
-                a for ws in _compat.free_workers(self.scheduler) if (a := ws.address) not in self._free
-            )
+            free = (ws.address for ws in _compat.free_workers(self.scheduler))
+            self._dirty_workers.update(a for a in free if a not in self._free)
         if self._ticks % 5 == 0:
             self._reconcile(full=self._ticks % 25 == 0)
         if self.state.contexts and now - self._last_survey > self.reconcile_interval and any(
@@ -159,10 +155,8 @@ class RoutingMixin(RouterBase):
             w = st.workers.get(ws.address)
             if w is None or w.draining or _compat.processing_count(ws):
                 continue
-            if not any(
-                c in st.queued and ws.address in st.contexts[c].allowed
-                for c in (*w.resident, *w.loading, *w.chosen)
-            ):
+            if not any(c in st.queued and ws.address in st.contexts[c].allowed
+                       for c in (*w.resident, *w.loading, *w.chosen)):
                 return True
         return False
 
