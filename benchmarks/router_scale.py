@@ -13,8 +13,9 @@ code, no data transfer (results are never gathered), no event loop of a thousand
 real workers. Workers hold one context each, round-robin (several when contexts outnumber
 workers).
 
-Per size it runs the same tasks twice on a fresh cluster: marked with ``use()`` (the
-router places them) and unmarked with no router at all (plain Dask), and reports
+Per size it runs the same tasks on a fresh cluster, marked with ``use()`` (the
+router places them) and unmarked with no router at all (plain Dask), alternated and
+repeated (``--repeat``, the table shows medians), and reports
 the time spent inside the router's methods per task (every hook, handler and
 callback, measured by wrapping them), the same without the scheduler's own
 transitions that placing a task runs (plain Dask runs those too, in its own
@@ -338,7 +339,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(
             f"| {r['contexts']} | {r['workers']} | {r['router_us_per_task']:.1f} | "
-            f"{', '.join(f'{u:.1f}' for u in r['router_us_runs'])} | {r['own_us_per_task']:.1f} | {r['gc_in_router_us_per_task']:.1f} | "
+            f"{', '.join(f'{u:.1f}' for u in r['router_us_runs'])} | "
+            f"{r['own_us_per_task']:.1f} | {r['gc_in_router_us_per_task']:.1f} | "
             f"{r['wall_s']:.2f} | {r['plain_wall_s']:.2f} | {r['vs_plain']:.2f}x | "
             f"{r['gc_s']:.2f} | {r['plain_gc_s']:.2f} |"
         )

@@ -21,7 +21,7 @@ from dask_context._router_base import RouterBase, logger
 from dask_context.policy import plan_routes
 
 if TYPE_CHECKING:
-    from distributed.scheduler import TaskState
+    from distributed.scheduler import TaskState, WorkerState
 
 # a re-plan runs at most every scheduler.interval and REPLAN_SHARE times its own
 # duration (2% of the scheduler's time: a plan of 1,000 workers takes milliseconds);
@@ -90,17 +90,17 @@ class RoutingMixin(RouterBase):
         self._ticks += 1
         now = time.monotonic()
         self.state.expire_failures(now, self.retry)
+        # the scheduler's index of workers with a free slot, read once per tick
+        free = _compat.free_workers(self.scheduler) if self.state.queued else []
         # queued work may be worth spreading as its backlog grows, onto a worker
         # that idles (the only ones a plan spreads to); otherwise only stale choices
         # and over-full workers are left to tidy, now and then
         self._replan_wanted |= self._ticks % 5 == 0 or (
-            bool(self.state.queued) and (self._unserved() or self._spare_worker()))
+            bool(self.state.queued) and (self._unserved() or self._spare_worker(free)))
         # workers whose slots opened without a routed task leaving them (plain tasks
         # finished there) are fed here, a few times a second while routed tasks wait;
         # those found free when last fed were fed since any of their contexts got tasks
-        if self.state.queued:
-            free = (ws.address for ws in _compat.free_workers(self.scheduler))
-            self._dirty_workers.update(a for a in free if a not in self._free)
+        self._dirty_workers.update(ws.address for ws in free if ws.address not in self._free)
         if self._ticks % 5 == 0:
             self._reconcile(full=self._ticks % 25 == 0)
         if self.state.contexts and now - self._last_survey > self.reconcile_interval and any(
@@ -145,13 +145,12 @@ class RoutingMixin(RouterBase):
         except Exception:
             self._fail_safe("routing", self._all_waiting())
 
-    def _spare_worker(self) -> bool:
-        """Whether a running worker idles without a context that has queued work:
-        :func:`~dask_context.policy.plan_routes` spreads work onto those only, so
-        while there is none a periodic plan could change nothing. Read from the
-        scheduler's index of idle workers: no scan of a busy cluster."""
+    def _spare_worker(self, free: list[WorkerState]) -> bool:
+        """Whether one of the workers with a free slot idles without a context that
+        has queued work: :func:`~dask_context.policy.plan_routes` spreads work onto
+        those only, so while there is none a periodic plan could change nothing."""
         st = self.state
-        for ws in _compat.free_workers(self.scheduler):
+        for ws in free:
             w = st.workers.get(ws.address)
             if w is None or w.draining or _compat.processing_count(ws):
                 continue
