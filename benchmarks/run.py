@@ -57,7 +57,7 @@ from benchmarks.plan import (  # noqa: E402
 from benchmarks.report import fill_reductions, render, row, write  # noqa: E402
 from benchmarks.runner import batches_of, bench_cluster, profile_arm, run_arm  # noqa: E402
 from benchmarks.warned import Warned, WarnedPeers  # noqa: E402
-from dask_context import config  # noqa: E402
+from dask_context import config, warm_starts  # noqa: E402
 from dask_context.factcheck import make_claims  # noqa: E402
 from dask_context.models import make_model  # noqa: E402
 
@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "global-cache and the warned arms), alternating their order, so that "
                         "the table shows the run-to-run noise (default: 3; 1 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the claims and the kills")
+    p.add_argument("--starts", choices=["warm", "cold"], default="warm",
+                   help="how nannies start worker processes, for every Dask arm: 'warm' forks "
+                        "them from a server that imported torch and transformers "
+                        "(dask_context.warm_starts), 'cold' spawns fresh interpreters, Dask's "
+                        "default (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=ROOT / ".dask-context-cache" / "benchmarks",
                    help="where the generated checkpoints are kept")
     p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
@@ -306,6 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for noisy in ("distributed", "tornado", "asyncio"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL)
     started = time.perf_counter()
+    if args.starts == "warm":
+        warm_starts()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dask-context-bench-") as tmp:
         bench = Bench(args, Path(tmp))
@@ -349,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peers": args.peers,
         "preempt_every": args.preempt_every,
         "grace": args.grace,
+        "starts": args.starts,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "notes": notes(args, load_before),
@@ -368,6 +376,14 @@ def notes(args: argparse.Namespace, load_before: tuple[float, float, float]) -> 
         )
     if args.quick:
         out.append("Quick mode: tiny model and few claims; it checks the plumbing, not the regimes.")
+    if args.starts == "warm":
+        out.append(
+            "Worker processes of every Dask arm start warm (dask_context.warm_starts): "
+            "nannies fork them, restarts and replacements included, from a server that "
+            "imported torch and transformers once. `--starts cold` spawns fresh "
+            "interpreters instead, Dask's default; the CPU of the imports then counts in "
+            "each new worker."
+        )
     if coldstart.NAME in args.scenarios:
         out.append(coldstart.NOTE)
     if "ray" in args.peers:

@@ -21,6 +21,7 @@ from dask_context.errors import (
 )
 from dask_context.preemption import drain as drain
 from dask_context.preemption import request_drain as request_drain
+from dask_context.processes import warm_starts
 from dask_context.resume import CorruptPartitionError, resumable
 from dask_context.scheduler import ContextRouter
 from dask_context.spec import ContextSpec
@@ -59,4 +60,5 @@ __all__ = [
     "resumable",
     "unregister",
     "use",
+    "warm_starts",
 ]

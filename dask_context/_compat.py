@@ -4,7 +4,8 @@ dask-context extends Dask through public hooks (plugins, scheduler and worker
 handlers, events, ``Adaptive``). Routing also needs a few attributes that are not
 public API: the restrictions on a ``TaskState``, the scheduler's transition engine,
 the spec of a task (to tell Dask's own plumbing from user code), and on workers the
-running task's key and its annotations. They are all here, and ``pyproject.toml``
+running task's key and its annotations; and the standard library's fork-server
+preloads (:mod:`dask_context.processes`). They are all here, and ``pyproject.toml``
 pins dask and distributed to the range these were checked against (``TESTED``).
 """
 
@@ -403,6 +404,24 @@ def batch_job() -> str | None:
         if os.environ.get(var):
             return f"{var}={os.environ[var]}"
     return None
+
+
+def forkserver_preload() -> list[str]:
+    """The modules multiprocessing's fork server imports when it starts (a copy).
+
+    The standard library keeps them on its private fork-server singleton, with no
+    getter; :mod:`dask_context.processes` extends the list distributed set.
+    """
+    from multiprocessing import forkserver
+
+    return list(getattr(forkserver._forkserver, "_preload_modules", None) or [])
+
+
+def forkserver_running() -> bool:
+    """Whether this process started its fork server already (it keeps its preloads)."""
+    from multiprocessing import forkserver
+
+    return getattr(forkserver._forkserver, "_forkserver_pid", None) is not None
 
 
 def torch_if_imported() -> Any:

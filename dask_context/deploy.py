@@ -7,7 +7,9 @@ Internal module (not API, may change): users import its public names from
 (or dask-jobqueue's ``job_extra_directives``/``worker_extra_args=["--preload",
 "dask_context"]``) call :func:`dask_setup` in each process: the scheduler gets the
 router, each worker the contexts declared in the ``dask-context.contexts`` setting.
-Any client can then ``use("name")`` without calling ``register``. A malformed entry
+Any client can then ``use("name")`` without calling ``register``. ``dask worker
+--preload-nanny dask_context`` with ``dask-context.processes.warm-starts: true``
+starts worker processes warm (:mod:`dask_context.processes`). A malformed entry
 or a loader that cannot be imported stops the process at start (``SystemExit``), with
 an error that names the setting and the module.
 """
@@ -26,12 +28,14 @@ async def dask_setup(server: Any) -> None:
     Parameters
     ----------
     server
-        The ``Scheduler`` or ``Worker`` (or ``Nanny``: nothing to do) being started.
+        The ``Scheduler``, ``Worker`` or ``Nanny`` being started (``--preload-nanny
+        dask_context``: warm starts if ``dask-context.processes.warm-starts`` is set).
     """
-    from distributed import Scheduler, Worker
+    from distributed import Nanny, Scheduler, Worker
 
     from dask_context import config
     from dask_context.errors import SettingError
+    from dask_context.processes import warm_starts
     from dask_context.scheduler import ContextRouter, declared_specs
     from dask_context.worker import ContextPlugin
 
@@ -49,3 +53,9 @@ async def dask_setup(server: Any) -> None:
     elif isinstance(server, Worker):
         for spec in specs:
             await server.plugin_add(ContextPlugin(spec))
+    elif isinstance(server, Nanny) and config.get("processes.warm-starts"):
+        # a nanny's preloads run before it starts its worker process
+        try:
+            warm_starts()
+        except (SettingError, ValueError) as exc:
+            raise SystemExit(f"dask-context: {exc}") from exc

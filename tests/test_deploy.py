@@ -30,14 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def deployment(tmp_path: Path, contexts: list | None = None, workers: int = 2,
-               preload: bool = True) -> Iterator[str]:
-    """A scheduler and ``workers`` worker processes; yields the scheduler address."""
+               preload: bool = True, nanny_preload: bool = False,
+               env: dict[str, str] | None = None) -> Iterator[str]:
+    """A scheduler and ``workers`` worker processes; yields the scheduler address.
+
+    ``nanny_preload`` adds ``--preload-nanny dask_context`` to the workers; ``env``
+    is added to every process's environment.
+    """
     config = tmp_path / "dask-config"
     config.mkdir(exist_ok=True)
     (config / "dask-context.yaml").write_text(yaml.safe_dump({"dask-context": {"contexts": contexts or []}}))
-    env = {**os.environ, "DASK_CONFIG": str(config), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DASK_CONFIG": str(config), "PYTHONPATH": str(ROOT), **(env or {})}
     scheduler_file = tmp_path / "scheduler.json"
     preload = ["--preload", "dask_context"] if preload else []
+    nanny = ["--preload-nanny", "dask_context"] if nanny_preload else []
     procs = [subprocess.Popen(
         ["dask", "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0",
          "--dashboard-address", ":0", *preload],
@@ -52,7 +58,7 @@ def deployment(tmp_path: Path, contexts: list | None = None, workers: int = 2,
         for i in range(workers):
             procs.append(subprocess.Popen(
                 ["dask", "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1",
-                 "--memory-limit", "4GB", "--no-dashboard", "--name", f"w{i}", *preload],
+                 "--memory-limit", "4GB", "--no-dashboard", "--name", f"w{i}", *preload, *nanny],
                 env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"worker-{i}.log", "w"),
             ))
         address = json.loads(scheduler_file.read_text())["address"]
