@@ -20,6 +20,16 @@ the time spent inside the router's methods per task (every hook, handler and
 callback, measured by wrapping them), the same without the scheduler's own
 transitions that placing a task runs (plain Dask runs those too, in its own
 placement), and the wall time against plain Dask.
+
+Timers vary with the machine's speed (twice over on a shared VM). So each size also
+gets one more routed run, apart from the timed ones (``--count``, on by default),
+that counts the Python and C function calls made inside the router's methods
+(:class:`CallCounter`): the router's work per task, whatever the machine. They are
+kept in shares: the scheduler's transitions that placing a task runs (as timed
+apart, less the router's hook that they call), planning (``_replan``: amortized, at
+most a share of the scheduler's time) and the routing tick's housekeeping
+(``_periodic``: it runs by the clock, not per event); the rest is the router's work
+per scheduler event, which should not grow with the workers or the contexts.
 """
 
 from __future__ import annotations
@@ -30,9 +40,11 @@ import functools
 import gc
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from types import CodeType, FrameType
 from typing import Any
 
 import dask
@@ -46,6 +58,10 @@ from dask_context.scheduler import ContextRouter
 
 SEND = "scheduler transitions placing routed tasks"
 GC = "garbage collection pauses inside the router"
+# the shares of the calls counted inside the router (CallCounter), besides SEND
+PLAN = "planning: ContextRouter._replan and what it calls"
+TICK = "the routing tick's own housekeeping: ContextRouter._periodic outside _run"
+EVENT = "the router's work per scheduler event"
 
 NTHREADS = 1
 # what a worker's get_metrics() sends, at rest
@@ -166,9 +182,64 @@ class GCPauses:
         self.counts[info["generation"]] += 1
 
 
-def instrument(router: ContextRouter, pauses: GCPauses) -> dict[str, float]:
+class CallCounter:
+    """Function calls (Python ``call`` and C ``c_call`` profiling events) made while
+    active, by share: a deterministic measure of work, where timers vary with the
+    machine.
+
+    ``shares`` names the functions whose calls, and the calls they make, are
+    counted under another share than ``default``; the innermost such function on
+    the stack decides (a share of ``None`` is not counted at all). Calls of the
+    functions in ``unseen`` (the instrumentation's own wrappers) are not counted,
+    and leave the share as it is. :meth:`profile` is the hook: :func:`instrument`
+    sets it only while inside the router, since a profiling hook slows every call
+    it sees.
+
+    >>> def inner(): return len("ab")
+    >>> def outer(): return inner() + abs(-1)
+    >>> counter = CallCounter({inner.__code__: "inner"}, default="outer")
+    >>> sys.setprofile(counter.profile); outer(); sys.setprofile(None)
+    3
+    >>> dict(counter.counts)
+    {'outer': 2, 'inner': 2}
+    """
+
+    def __init__(self, shares: dict[CodeType, str | None], default: str) -> None:
+        self.shares = shares
+        self.default = default
+        self.counts: dict[str, int] = defaultdict(int)
+        self.unseen: set[CodeType] = set()
+        # the frames of the functions in shares that have not returned, innermost last
+        self._stack: list[tuple[FrameType, str | None]] = []
+
+    def profile(self, frame: FrameType, event: str, arg: Any) -> None:
+        if event == "call":
+            if frame.f_code in self.unseen:
+                return
+            if frame.f_code in self.shares:
+                self._stack.append((frame, self.shares[frame.f_code]))
+        elif event == "return":
+            # also when an exception unwinds the frame
+            if self._stack and self._stack[-1][0] is frame:
+                self._stack.pop()
+            return
+        elif event != "c_call" or arg is sys.setprofile:
+            # c_return, c_exception; and the call that ends the counting, made by
+            # the instrumentation rather than the router
+            return
+        share = self._stack[-1][1] if self._stack else self.default
+        if share is not None:
+            self.counts[share] += 1
+
+    def clear(self) -> None:
+        self.counts.clear()
+
+
+def instrument(router: ContextRouter, pauses: GCPauses,
+               counter: CallCounter | None = None) -> dict[str, float]:
     """Wrap every method of the router (and its scaling helper) to time it; the
-    garbage collections that strike inside are counted apart (``GC``)."""
+    garbage collections that strike inside are counted apart (``GC``). With
+    ``counter``, its profiling hook is also set while inside the router."""
     spent: dict[str, float] = defaultdict(float)
     depth = [0]
 
@@ -179,13 +250,21 @@ def instrument(router: ContextRouter, pauses: GCPauses) -> dict[str, float]:
                 return fn(*args, **kwargs)
             depth[0] += 1
             start, paused = time.perf_counter(), pauses.seconds
+            if counter is not None:
+                sys.setprofile(counter.profile)
             try:
                 return fn(*args, **kwargs)
             finally:
+                if counter is not None:
+                    sys.setprofile(None)
                 collected = pauses.seconds - paused
                 spent[name] += time.perf_counter() - start - collected
                 spent[GC] += collected
                 depth[0] -= 1
+        if counter is not None:
+            # the router calls its methods through these wrappers too: those
+            # calls are the benchmark's, not the router's
+            counter.unseen.add(wrapper.__code__)
         return wrapper
 
     # placing a task runs the scheduler's own transitions (as plain Dask's placement
@@ -228,7 +307,49 @@ def _touch(x: int, context: str) -> int:
 send_untimed = _compat.send
 
 
-async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[str, Any]:
+def call_counter() -> CallCounter:
+    """A counter of the calls inside the router, in the shares of ``calls_per_task``."""
+    return CallCounter({
+        send_untimed.__code__: SEND,
+        # the router's hook that those transitions call is the router's own work
+        # (the SEND timing includes it: a timer cannot leave it out cheaply)
+        ContextRouter.transition.__code__: EVENT,
+        ContextRouter._replan.__code__: PLAN,
+        ContextRouter._periodic.__code__: TICK,
+        # the tick ends feeding workers as events do: that is per-event work
+        ContextRouter._run.__code__: EVENT,
+        # a collection that strikes inside the router is no work of the router's
+        GCPauses._callback.__code__: None,
+    }, default=EVENT)
+
+
+def calls_per_task(counts: dict[str, int], tasks: int) -> dict[str, float]:
+    """The calls counted inside the router, per task: all of them, and by share.
+
+    >>> calls = calls_per_task({EVENT: 300, SEND: 200, PLAN: 50, TICK: 10}, 10)
+    >>> calls["calls_per_task"], calls["event_calls_per_task"], calls["plan_calls_per_task"]
+    (56.0, 30.0, 5.0)
+    """
+    return {
+        "calls_per_task": round(sum(counts.values()) / tasks, 1),
+        "event_calls_per_task": round(counts.get(EVENT, 0) / tasks, 1),
+        "send_calls_per_task": round(counts.get(SEND, 0) / tasks, 1),
+        "plan_calls_per_task": round(counts.get(PLAN, 0) / tasks, 1),
+        "tick_calls_per_task": round(counts.get(TICK, 0) / tasks, 1),
+    }
+
+
+async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool,
+              count: bool = False) -> dict[str, Any]:
+    """Run ``ntasks`` tasks over ``ncontexts`` contexts on ``nworkers`` simulated
+    workers, with the router (``routed``) or plain Dask, and time them.
+
+    With ``count`` (routed only), count the calls inside the router instead
+    (:func:`calls_per_task`): the profiling hook slows the router several times
+    over, so the timings of that run are not returned.
+    """
+    assert routed or not count, "only the router's calls are counted"
+    counter = call_counter() if count else None
     names = [f"c{i}" for i in range(ncontexts)]
     specs = [dask_context.ContextSpec(n, dict) for n in names]
     tokens = {s.name: s.token for s in specs}
@@ -245,7 +366,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
                 router = ContextRouter(specs)
                 await client.register_plugin(router)
                 router = s.plugins["dask-context"]
-                spent = instrument(router, pauses)
+                spent = instrument(router, pauses, counter)
                 # the scheduler took these before the wrapping: hand it the timed ones
                 s.handlers["dask_context_worker"] = router.worker_joined
                 s.periodic_callbacks["dask-context"].callback = router._periodic
@@ -253,6 +374,8 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
             per = ntasks // ncontexts
             await asyncio.sleep(0.5)  # the announcements are handled: time only the tasks
             spent.clear()
+            if counter is not None:
+                counter.clear()
             pauses.start()
             start = time.perf_counter()
             futures = []
@@ -269,11 +392,15 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool) -> dict[
             wall = time.perf_counter() - start
             pauses.stop()
             spent = dict(spent)  # what the teardown costs is not the tasks' cost
+            calls = dict(counter.counts) if counter is not None else {}
             done = len(futures)
             del futures
         await asyncio.gather(*(w.close() for w in workers))
     if routed:
         _compat.send = send_untimed
+    if count:
+        return {"workers": nworkers, "contexts": ncontexts, "tasks": done,
+                **calls_per_task(calls, done)}
     transitions = spent.pop(SEND, 0.0)
     collected = spent.pop(GC, 0.0)
     inside = sum(spent.values())
@@ -316,8 +443,43 @@ def summarize(routed: list[dict[str, Any]], plain: list[dict[str, Any]]) -> dict
     return row
 
 
+# the columns of the counting pass, as table() shows them (when the rows have them)
+CALL_COLUMNS = {
+    "calls_per_task": "calls (per task)",
+    "event_calls_per_task": "per-event calls (per task)",
+    "send_calls_per_task": "transitions calls (per task)",
+    "plan_calls_per_task": "planning calls (per task)",
+    "tick_calls_per_task": "tick calls (per task)",
+}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """The curve as Markdown: one line per (contexts, workers)."""
+    """The curve as Markdown: one line per (contexts, workers), with the counted
+    calls when the rows have them.
+
+    >>> row = {"contexts": 1, "workers": 16, "tasks": 10, "runs": 1, "router_us_per_task": 30.0,
+    ...        "router_us_runs": [30.0], "own_us_per_task": 12.0, "gc_in_router_us_per_task": 0.0,
+    ...        "wall_s": 2.0, "plain_wall_s": 1.9, "vs_plain": 1.05, "gc_s": 0.1,
+    ...        "plain_gc_s": 0.1}
+    >>> table([row]).splitlines()[-1]
+    '| 1 | 16 | 30.0 | 30.0 | 12.0 | 0.0 | 2.00 | 1.90 | 1.05x | 0.10 | 0.10 |'
+    >>> row.update(calls_per_task=200.0, event_calls_per_task=90.0, send_calls_per_task=108.0,
+    ...            plan_calls_per_task=1.5, tick_calls_per_task=0.5)
+    >>> table([row]).splitlines()[-1]  # doctest: +ELLIPSIS
+    '| 1 | 16 | 30.0 | ... | 0.10 | 200.0 | 90.0 | 108.0 | 1.5 | 0.5 |'
+    """
+    counted = [key for key in CALL_COLUMNS if key in rows[0]]
+    # the timings vary with the machine's speed; these counts do not
+    about_calls = (
+        " The `calls` columns come from one more routed run per size, apart from the "
+        "timed ones: Python and C function calls made inside the router's methods, per "
+        "task. `per-event`: the router's own work on scheduler events; `transitions`: "
+        "inside the scheduler transitions that placing a task runs, less the router's "
+        "hook they call (per-event work, unlike in `router`); `planning`: in "
+        "`_replan` (amortized: at most a share of the scheduler's time, however many "
+        "workers a plan looks at); `tick`: the routing tick's housekeeping (it runs by "
+        "the clock, not per event). `calls` is all of them."
+    ) if counted else ""
     lines = [
         "# Router cost against cluster size",
         "",
@@ -329,12 +491,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         "the router's methods, including the scheduler transitions that placing a task runs "
         "(plain Dask runs those too, in its own placement); `own`: without them. Garbage "
         "collections are timed apart, wherever they strike: `gc in router` is the share "
-        "that struck inside the router, `gc` the whole run's pauses for each arm.",
+        "that struck inside the router, `gc` the whole run's pauses for each arm."
+        + about_calls,
         "",
         "| contexts | workers | router (us/task) | router runs | own (us/task) | "
         "gc in router (us/task) | wall (s) | plain wall (s) | wall vs plain | gc (s) | "
-        "plain gc (s) |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "plain gc (s) |" + "".join(f" {CALL_COLUMNS[key]} |" for key in counted),
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(counted),
     ]
     for r in rows:
         lines.append(
@@ -343,6 +506,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['own_us_per_task']:.1f} | {r['gc_in_router_us_per_task']:.1f} | "
             f"{r['wall_s']:.2f} | {r['plain_wall_s']:.2f} | {r['vs_plain']:.2f}x | "
             f"{r['gc_s']:.2f} | {r['plain_gc_s']:.2f} |"
+            + "".join(f" {r[key]:.1f} |" for key in counted)
         )
     return "\n".join(lines) + "\n"
 
@@ -357,6 +521,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each arm per size, alternated; the table shows medians")
+    parser.add_argument("--count", action=argparse.BooleanOptionalAction, default=True,
+                        help="count the calls inside the router, in one more routed run per "
+                             "size, apart from the timed runs (the profiling hook slows them)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write router_scale.json and router_scale.md into this folder")
@@ -372,6 +539,9 @@ def main() -> None:
                     plain.append(asyncio.run(run(nworkers, ncontexts, args.tasks, routed=False)))
                     routed.append(asyncio.run(run(nworkers, ncontexts, args.tasks, routed=True)))
                 row = summarize(routed, plain)
+                if args.count:
+                    row.update(asyncio.run(
+                        run(nworkers, ncontexts, args.tasks, routed=True, count=True)))
                 rows.append(row)
                 if args.json:
                     print(json.dumps(row), flush=True)
@@ -385,6 +555,15 @@ def main() -> None:
                         f"{row['gc_s']:.2f} s vs {row['plain_gc_s']:.2f} s  top: {row['top'][:3]}",
                         flush=True,
                     )
+                    if args.count:
+                        print(
+                            f"{'':25}{row['calls_per_task']:7.1f} calls/task in the router: "
+                            f"{row['event_calls_per_task']:.1f} per event, "
+                            f"{row['send_calls_per_task']:.1f} in Dask's transitions, "
+                            f"{row['plan_calls_per_task']:.1f} planning, "
+                            f"{row['tick_calls_per_task']:.1f} in ticks",
+                            flush=True,
+                        )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "router_scale.json").write_text(json.dumps(rows, indent=1))

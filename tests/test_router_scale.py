@@ -138,3 +138,32 @@ def test_a_full_cluster_is_not_replanned_every_tick():
         plans, ticks = asyncio.run(_replans_on_a_full_cluster(64, 2.0))
     assert ticks >= 5, ticks
     assert plans <= ticks // 5 + 2, (plans, ticks)
+
+
+COUNTED_TASKS = 3000
+
+
+def test_calls_per_event_do_not_grow_with_the_workers_or_the_contexts():
+    # the calls made inside the router (the benchmark's counting pass), not its
+    # time: a count is the same on a slow machine as on a fast one. Planning (it
+    # looks at every worker, and is bounded by a share of the scheduler's time),
+    # the routing tick's housekeeping (it runs by the clock) and the scheduler's own
+    # transitions (they send one message per worker fed, so more when the tasks
+    # spread over more workers) are counted apart: what is left is the router's work
+    # on each scheduler event
+    per_event = {}
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False,
+                          "distributed.scheduler.worker-ttl": None}):
+        for contexts in (1, 100):
+            for workers in (16, 256):
+                out = asyncio.run(router_scale.run(workers, contexts, COUNTED_TASKS,
+                                                   routed=True, count=True))
+                assert out["tasks"] == COUNTED_TASKS
+                per_event[contexts, workers] = out["event_calls_per_task"]
+    assert all(calls > 0 for calls in per_event.values()), per_event
+    # sixteen times the workers: the router's work per event stays the same (runs
+    # of the same size differ by a few percent, with how the events were batched)
+    for contexts in (1, 100):
+        assert per_event[contexts, 256] <= 1.1 * per_event[contexts, 16], per_event
+    # a hundred times the contexts, each worker still holding one
+    assert per_event[100, 256] <= 1.1 * per_event[1, 256], per_event
