@@ -2,8 +2,8 @@
 
 A nanny starts its worker process with ``multiprocessing``'s ``spawn`` by default: a
 fresh interpreter that imports everything again. For an LLM worker that is seconds
-of CPU (``import torch, transformers``: 3-4 CPU-seconds on a laptop-class core, more
-from a shared filesystem) before the context can even start loading, paid again by
+of CPU (torch, transformers and its modeling code: about 5 CPU-seconds on this project's
+test machines, more from a shared filesystem) before the context can even start loading, paid again by
 every worker a nanny restarts (a crash, a kill, ``client.restart()``), every worker a
 ``LocalCluster`` adds, and every replacement of a preempted worker on the same node,
 where it competes for the cores of the workers still running.
@@ -63,8 +63,9 @@ def warm_starts(modules: Iterable[str] | None = None) -> list[str]:
     ----------
     modules
         Modules to import once in the fork server. Default: the setting
-        ``dask-context.processes.preload`` (torch and transformers), those of them
-        that are installed.
+        ``dask-context.processes.preload`` (torch, transformers and its
+        ``modeling_utils``, which transformers itself imports only when a model
+        is loaded), those of them that are installed.
 
     Returns
     -------
