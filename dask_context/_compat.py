@@ -406,6 +406,17 @@ def batch_job() -> str | None:
     return None
 
 
+def nanny_mp_context() -> Any:
+    """The multiprocessing context nannies start worker processes with.
+
+    distributed sets its own fork-server preloads the first time it is asked for a
+    ``forkserver`` context, and never again.
+    """
+    from distributed.utils import get_mp_context
+
+    return get_mp_context()
+
+
 def forkserver_preload() -> list[str]:
     """The modules multiprocessing's fork server imports when it starts (a copy).
 

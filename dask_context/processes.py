@@ -112,11 +112,8 @@ def warm_starts(modules: Iterable[str] | None = None) -> list[str]:
         if missing:
             raise ValueError(f"cannot warm-start workers with {missing}: no such module here")
     dask.config.set({METHOD_KEY: "forkserver"})
-    # distributed sets its own preload list the first time it asks for the context
-    # (and never again): let it, then extend it
-    from distributed.utils import get_mp_context
-
-    context = get_mp_context()
+    # let distributed set its own preload list first, then extend it
+    context = _compat.nanny_mp_context()
     preload = _compat.forkserver_preload()
     if _compat.forkserver_running():
         late = [m for m in wanted if m not in preload]
