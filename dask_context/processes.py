@@ -2,11 +2,12 @@
 
 A nanny starts its worker process with ``multiprocessing``'s ``spawn`` by default: a
 fresh interpreter that imports everything again. For an LLM worker that is seconds
-of CPU (torch, transformers and its modeling code: about 5 CPU-seconds on this project's
-test machines, more from a shared filesystem) before the context can even start loading, paid again by
-every worker a nanny restarts (a crash, a kill, ``client.restart()``), every worker a
-``LocalCluster`` adds, and every replacement of a preempted worker on the same node,
-where it competes for the cores of the workers still running.
+of CPU (torch, transformers and its modeling code: about 5 CPU-seconds on this
+project's test machines, more from a shared filesystem) before the context can even
+start loading, paid again by every worker a nanny restarts (a crash, a kill,
+``client.restart()``), every worker a ``LocalCluster`` adds, and every replacement of
+a preempted worker on the same node, where it competes for the cores of the workers
+still running.
 
 :func:`warm_starts` switches nannies to ``forkserver`` and has the fork server import
 the modules once: each worker process is then a fork of a process that already
