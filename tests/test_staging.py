@@ -319,12 +319,15 @@ async def test_bytes_corrupted_on_the_wire_are_caught_and_fetched_again(c, s, tm
     assert sum(p.endswith("model.bin") for p in sent) == 2
 
 
+@pytest.mark.parametrize("streams", [True, False])
 @gen_cluster(client=True, nthreads=[])
-async def test_a_corrupt_copy_from_a_peer_is_never_used(c, s, tmp_path, shared):
+async def test_a_corrupt_copy_from_a_peer_is_never_used(c, s, tmp_path, shared, streams):
     await dc.register(c, spec_for(shared))
     async with on_node(s, tmp_path, "n1") as a, on_node(s, tmp_path, "n2") as b:
         await load_on(c, a)
-        # one flipped byte in the peer's copy, same size: only its digest tells
+        if not streams:
+            a.handlers["dask_context_stream"] = no_stream  # chunks over Dask's comms
+        # one flipped byte in the peer's copy, same size: only its CRC-32 tells
         weights = tmp_path / "n1" / spec_for(shared).token / "weights" / "model.bin"
         data = bytearray(weights.read_bytes())
         data[1000] ^= 0xFF

@@ -2,7 +2,7 @@
 
 One worker of the cluster reads ``spec.files`` (the router's turn); the others do not
 wait for its copy to be complete: they stream each file from it as it lands there
-and check it against the size, digest and CRC-32 the source copy computed. These
+and check it against the size and CRC-32 the source copy computed. These
 tests hold the source copy half-way (a gate in :meth:`Stager.read_source`) to see
 the followers move meanwhile, and make it fail, lie or die there.
 """
