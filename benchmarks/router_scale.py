@@ -288,6 +288,27 @@ def instrument(router: ContextRouter, pauses: GCPauses,
     return spent
 
 
+def time_placements(scheduler: Scheduler, pauses: GCPauses) -> list[float]:
+    """Time the scheduler's transitions of tasks to ``processing``: Dask's placement
+    of a task on a worker, which both arms run (plain Dask from ``queued``, the router
+    from ``no-worker``). Returns the list the seconds of each are appended to,
+    garbage collections left out."""
+    placing: list[float] = []
+    transition = scheduler._transition
+
+    def timed(key: Any, finish: str, stimulus_id: str, **kwargs: Any) -> Any:
+        if finish != "processing":
+            return transition(key, finish, stimulus_id, **kwargs)
+        start, paused = time.perf_counter(), pauses.seconds
+        try:
+            return transition(key, finish, stimulus_id, **kwargs)
+        finally:
+            placing.append(time.perf_counter() - start - (pauses.seconds - paused))
+
+    scheduler._transition = timed
+    return placing
+
+
 def holdings(nworkers: int, names: list[str]) -> list[list[str]]:
     """Contexts each worker holds warm: one each, round-robin, and every context
     held somewhere (several per worker when contexts outnumber workers).
@@ -360,6 +381,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool,
             for held in holdings(nworkers, names)
         ]
         await asyncio.gather(*(w.start() for w in workers))
+        placing = time_placements(s, pauses)
         async with Client(s.address, asynchronous=True) as client:
             spent: dict[str, float] = {}
             if routed:
@@ -374,6 +396,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool,
             per = ntasks // ncontexts
             await asyncio.sleep(0.5)  # the announcements are handled: time only the tasks
             spent.clear()
+            placing.clear()
             if counter is not None:
                 counter.clear()
             pauses.start()
@@ -392,6 +415,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool,
             wall = time.perf_counter() - start
             pauses.stop()
             spent = dict(spent)  # what the teardown costs is not the tasks' cost
+            placed = sum(placing)
             calls = dict(counter.counts) if counter is not None else {}
             done = len(futures)
             del futures
@@ -409,6 +433,7 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool,
         "wall_s": round(wall, 3), "router_s": round(inside, 4),
         "router_us_per_task": round(1e6 * inside / done, 1),
         "own_us_per_task": round(1e6 * (inside - transitions) / done, 1),
+        "placement_us_per_task": round(1e6 * placed / done, 1),
         "gc_in_router_us_per_task": round(1e6 * collected / done, 1),
         "gc_s": round(pauses.seconds, 3), "gc_counts": pauses.counts,
         "top": sorted(((round(v * 1e6 / done, 1), k) for k, v in spent.items()), reverse=True)[:6],
@@ -421,23 +446,28 @@ def summarize(routed: list[dict[str, Any]], plain: list[dict[str, Any]]) -> dict
     router cost.
 
     >>> r = [{"router_us_per_task": u, "own_us_per_task": u / 2, "gc_in_router_us_per_task": 0.0,
-    ...       "wall_s": w, "gc_s": 0.1, "top": [], "workers": 16, "contexts": 1, "tasks": 10}
+    ...       "placement_us_per_task": 20.0, "wall_s": w, "gc_s": 0.1, "top": [],
+    ...       "workers": 16, "contexts": 1, "tasks": 10}
     ...      for u, w in [(30.0, 2.0), (40.0, 3.0), (35.0, 2.5)]]
-    >>> p = [{"wall_s": w, "gc_s": 0.1} for w in (2.0, 2.5, 2.4)]
+    >>> p = [{"wall_s": w, "gc_s": 0.1, "placement_us_per_task": d} for w, d in
+    ...      [(2.0, 19.0), (2.5, 21.0), (2.4, 22.0)]]
     >>> row = summarize(r, p)
     >>> row["router_us_per_task"], row["router_us_runs"], row["vs_plain"], row["runs"]
     (35.0, [30.0, 40.0, 35.0], 1.04, 3)
+    >>> row["placement_us_per_task"], row["plain_placement_us_per_task"]
+    (20.0, 21.0)
     """
     def median(rows: list[dict[str, Any]], key: str) -> float:
         return statistics.median(r[key] for r in rows)
 
     mid = sorted(routed, key=lambda r: r["router_us_per_task"])[len(routed) // 2]
     row = dict(mid)
-    for key in ("router_us_per_task", "own_us_per_task", "gc_in_router_us_per_task", "wall_s", "gc_s"):
+    for key in ("router_us_per_task", "own_us_per_task", "gc_in_router_us_per_task",
+                "placement_us_per_task", "wall_s", "gc_s"):
         row[key] = round(median(routed, key), 3)
     row["router_us_runs"] = [r["router_us_per_task"] for r in routed]
-    row["plain_wall_s"] = round(median(plain, "wall_s"), 3)
-    row["plain_gc_s"] = round(median(plain, "gc_s"), 3)
+    for key in ("wall_s", "gc_s", "placement_us_per_task"):
+        row[f"plain_{key}"] = round(median(plain, key), 3)
     row["vs_plain"] = round(row["wall_s"] / row["plain_wall_s"], 2)
     row["runs"] = len(routed)
     return row
@@ -459,10 +489,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     >>> row = {"contexts": 1, "workers": 16, "tasks": 10, "runs": 1, "router_us_per_task": 30.0,
     ...        "router_us_runs": [30.0], "own_us_per_task": 12.0, "gc_in_router_us_per_task": 0.0,
+    ...        "placement_us_per_task": 17.0, "plain_placement_us_per_task": 16.0,
     ...        "wall_s": 2.0, "plain_wall_s": 1.9, "vs_plain": 1.05, "gc_s": 0.1,
     ...        "plain_gc_s": 0.1}
     >>> table([row]).splitlines()[-1]
-    '| 1 | 16 | 30.0 | 30.0 | 12.0 | 0.0 | 2.00 | 1.90 | 1.05x | 0.10 | 0.10 |'
+    '| 1 | 16 | 30.0 | 30.0 | 12.0 | 17.0 | 16.0 | 0.0 | 2.00 | 1.90 | 1.05x | 0.10 | 0.10 |'
     >>> row.update(calls_per_task=200.0, event_calls_per_task=90.0, send_calls_per_task=108.0,
     ...            plan_calls_per_task=1.5, tick_calls_per_task=0.5)
     >>> table([row]).splitlines()[-1]  # doctest: +ELLIPSIS
@@ -489,21 +520,27 @@ def table(rows: list[dict[str, Any]]) -> str:
         "alternated, and each column is the median (`router runs`: every run). `router`: "
         "microseconds per task inside "
         "the router's methods, including the scheduler transitions that placing a task runs "
-        "(plain Dask runs those too, in its own placement); `own`: without them. Garbage "
+        "(plain Dask runs those too, in its own placement); `own`: without them. "
+        "`Dask placement`: microseconds per task in the scheduler's transitions of tasks "
+        "to `processing` (inside `router` for the routed arm, from `no-worker`; in "
+        "Dask's own handlers for plain Dask, mostly from `queued`), the router's hook "
+        "they call included. Garbage "
         "collections are timed apart, wherever they strike: `gc in router` is the share "
         "that struck inside the router, `gc` the whole run's pauses for each arm."
         + about_calls,
         "",
         "| contexts | workers | router (us/task) | router runs | own (us/task) | "
+        "Dask placement, routed (us/task) | Dask placement, plain (us/task) | "
         "gc in router (us/task) | wall (s) | plain wall (s) | wall vs plain | gc (s) | "
         "plain gc (s) |" + "".join(f" {CALL_COLUMNS[key]} |" for key in counted),
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(counted),
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(counted),
     ]
     for r in rows:
         lines.append(
             f"| {r['contexts']} | {r['workers']} | {r['router_us_per_task']:.1f} | "
             f"{', '.join(f'{u:.1f}' for u in r['router_us_runs'])} | "
-            f"{r['own_us_per_task']:.1f} | {r['gc_in_router_us_per_task']:.1f} | "
+            f"{r['own_us_per_task']:.1f} | {r['placement_us_per_task']:.1f} | "
+            f"{r['plain_placement_us_per_task']:.1f} | {r['gc_in_router_us_per_task']:.1f} | "
             f"{r['wall_s']:.2f} | {r['plain_wall_s']:.2f} | {r['vs_plain']:.2f}x | "
             f"{r['gc_s']:.2f} | {r['plain_gc_s']:.2f} |"
             + "".join(f" {r[key]:.1f} |" for key in counted)
