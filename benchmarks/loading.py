@@ -84,6 +84,7 @@ def load_model(
     storage_mbps: float = 0.0,
     log: str | None = None,
     device: str = "cpu",
+    cold: bool = True,
 ) -> Any:
     """Load a generated checkpoint the way every arm of the benchmark does.
 
@@ -99,6 +100,9 @@ def load_model(
         File to append ``start``/``done`` records to (None: no record).
     device
         Where the model goes; dask-context passes the worker's device.
+    cold
+        Drop the checkpoint from the page cache and read it back first
+        (:func:`cold_read`); False loads it as it is (a copy this node just made).
 
     Returns
     -------
@@ -109,7 +113,7 @@ def load_model(
     record: dict[str, Any] = {"pid": os.getpid(), "model": Path(path).name, "start": time.time()}
     append_record(log, {**record, "event": "start"})
     t0 = time.perf_counter()
-    nbytes, read_seconds = cold_read(path, storage_mbps)
+    nbytes, read_seconds = cold_read(path, storage_mbps) if cold else (checkpoint_bytes(path), 0.0)
     model = load_causal_lm(path, device=device, dtype=dtype)
     seconds = time.perf_counter() - t0
     append_record(
@@ -123,10 +127,12 @@ def load_staged(path: str, *, source: str, storage_mbps: float = 0.0, **load: An
     """Loader of a context with ``files=source``: load the copy dask-context staged.
 
     The staging read ``source`` from the storage (or fetched a peer's copy) into a
-    node-local directory, ``path``; this reads that copy back from the local disk, at
-    the local disk's speed, as a loader on a node with a staged copy does. Only when
-    the staging could not make a copy and hands over ``source`` itself is the read
-    bounded by the storage's bandwidth, as for every other arm.
+    node-local directory, ``path``, moments before; this loads that copy as it is,
+    from the page cache the copy was written through, as a loader on a node that
+    just staged it does (the read from the storage, or the transfer, was the
+    staging's and is timed there). Only when the staging could not make a copy and
+    hands over ``source`` itself is the read cold and bounded by the storage's
+    bandwidth, as for every other arm.
 
     Parameters
     ----------
@@ -139,8 +145,9 @@ def load_staged(path: str, *, source: str, storage_mbps: float = 0.0, **load: An
     **load
         The other arguments of :func:`load_model`.
     """
-    mbps = storage_mbps if os.path.samefile(path, source) else 0.0
-    return load_model(path, storage_mbps=mbps, **load)
+    if os.path.samefile(path, source):
+        return load_model(path, storage_mbps=storage_mbps, **load)
+    return load_model(path, cold=False, **load)
 
 
 def append_record(log: str | None, record: dict[str, Any]) -> None:

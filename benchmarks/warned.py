@@ -19,8 +19,8 @@ in the first, so that the two effects can be told apart:
   (:class:`benchmarks.coldstart.SharedStorage`, which also counts the bytes): one
   worker reads it when the arm starts, while the other follows that copy as it is
   made (streamed from that worker as it lands), and no worker reads it again while a
-  peer holds a copy. The loader (:func:`benchmarks.loading.load_staged`) reads the
-  staged copy from the local disk, without the storage's bound.
+  peer holds a copy. The loader (:func:`benchmarks.loading.load_staged`) loads the
+  staged copy as the staging left it, in the page cache.
 """
 
 from __future__ import annotations

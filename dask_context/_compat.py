@@ -20,6 +20,7 @@ from collections.abc import Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import distributed
+from dask._task_spec import Alias, DataNode, GraphNode, Task
 from packaging.version import Version
 
 if TYPE_CHECKING:
@@ -267,8 +268,6 @@ def may_call_user_code(spec: Any, depth: int = 0) -> bool:
     >>> may_call_user_code(Task.fuse(Task("a", len, "abc"), Task("b", verify, Alias("a")), key="b"))
     True
     """
-    from dask._task_spec import Alias, DataNode, GraphNode, Task
-
     if depth > 8:
         return True
     if isinstance(spec, (Alias, DataNode)):
@@ -463,8 +462,6 @@ def callables_in(spec: Any, depth: int = 0) -> Iterator[Any]:
     >>> [c.__name__ for c in callables_in(fused) if c is f]
     ['f']
     """
-    from dask._task_spec import DataNode, Task
-
     if depth > 8:
         return
     if isinstance(spec, Task):

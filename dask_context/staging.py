@@ -340,7 +340,7 @@ class Stager:
         entries = []
         for file, path, expect in plan:
             # read ahead: the shared filesystem delivers the next chunk while this
-            # one is hashed and written
+            # one is checksummed and written
             chunks = _ahead(self.read_source(file))
             size, crc = _write(os.path.join(tmp, *PurePosixPath(path).parts), chunks, expect=expect,
                                progress=lambda n, path=path: progress.wrote(path, n))
@@ -352,8 +352,8 @@ class Stager:
     def _fetch(self, peer: str, token: str, top: str, tmp: str, follow: bool = False) -> dict[str, Any]:
         """Fill ``tmp`` from ``peer``'s copy; return its manifest once every file matches.
 
-        Each file is streamed (:meth:`_stream`) when the manifest has its CRC-32 and
-        the peer can stream it, else fetched in chunks over Dask's comms.
+        Each file is streamed (:meth:`_stream`) when the peer can stream it, else
+        fetched in chunks over Dask's comms.
 
         With ``follow``, ``peer`` may still be making its copy from the source: every
         file is then streamed as it lands there, and checked against the size and
