@@ -31,7 +31,10 @@ import copy
 import fcntl
 import glob
 import logging
+import multiprocessing
 import os
+import shutil
+import socket
 import statistics
 import time
 from collections.abc import Iterator
@@ -292,6 +295,63 @@ def list_files(path: str) -> list[str]:
     return sorted(os.listdir(path))
 
 
+def _send_copies(path: str, port: int, times: int) -> None:
+    """Send the file ``path`` ``times`` times, each over a new connection to ``port``,
+    with the staging's own sender (``sendfile``)."""
+    for _ in range(times):
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            staging._send_file(conn, path)
+
+
+def measure_receive(size: int, *, tmp: Path, repeats: int = 3) -> dict[str, Any]:
+    """CPU seconds per GB of the receiving side of a peer copy alone, without Dask.
+
+    Another process sends a file of ``size`` random bytes with the staging's sender
+    (``sendfile``); this one receives it with the staging's receiver (into one reused
+    buffer, CRC-32, written into a file allocated up front) and takes its own CPU
+    (user and system, from ``psutil``) around it. ``repeats`` copies each way:
+
+    - ``recycled``: each copy removed before the next, so the page cache takes the
+      memory the last one freed;
+    - ``fresh``: every copy kept, so every page of it is memory the machine had not
+      used since it freed it. On a virtual machine whose host takes freed guest memory
+      back, first touching it costs system time: any reader of the file pays that
+      (a load from the shared filesystem too), not only a peer copy.
+    """
+    folder = tmp / "receive"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "model.bin"
+    with open(source, "wb") as f:
+        block = os.urandom(64 << 20)
+        for offset in range(0, size, len(block)):
+            f.write(block[: min(len(block), size - offset)])
+    out: dict[str, Any] = {"bytes": size}
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = multiprocessing.get_context("spawn").Process(
+            target=_send_copies, args=(str(source), server.getsockname()[1], 2 * repeats))
+        sender.start()
+        try:
+            for mode in ("recycled", "fresh"):
+                samples = []
+                for i in range(repeats):
+                    conn, _ = server.accept()
+                    target = folder / f"{mode}-{i}" / "model.bin"
+                    before, start = psutil.Process().cpu_times(), time.perf_counter()
+                    with conn:
+                        staging._write(str(target), staging._received(conn, size, "the copy"), expect=size)
+                    after, wall = psutil.Process().cpu_times(), time.perf_counter() - start
+                    samples.append({"wall": wall, "user": after.user - before.user,
+                                    "system": after.system - before.system})
+                    if mode == "recycled":
+                        shutil.rmtree(target.parent)
+                med = {k: statistics.median(x[k] for x in samples) for k in ("wall", "user", "system")}
+                out[mode] = {"samples": samples, **med,
+                             "cpu_per_gb": (med["user"] + med["system"]) / (size / 1e9)}
+        finally:
+            sender.join(timeout=60)
+    return out
+
+
 def measure_peer_copy(size: int, *, tmp: Path, repeats: int = 3, follow: bool = False) -> dict[str, Any]:
     """CPU seconds per GB of one peer copy, on the sending and the receiving worker.
 
@@ -382,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer-copy", type=float, default=None, metavar="GB",
                    help="only measure the CPU of one peer copy of a file of GB gigabytes between two workers")
-    p.add_argument("--repeats", type=int, default=3, help="peer copies measured (--peer-copy)")
+    p.add_argument("--receive", type=float, default=None, metavar="GB",
+                   help="only measure the CPU of receiving one peer copy of GB gigabytes, without Dask")
+    p.add_argument("--repeats", type=int, default=3, help="peer copies measured (--peer-copy, --receive)")
     p.add_argument("--follow", action="store_true",
                    help="with --peer-copy: the receiver follows the sender's copy from files as it is made")
     p.add_argument("--preset", default="bench", help="make_model preset of the checkpoint (cold-start scenario)")
@@ -395,7 +457,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="dask-context-coldstart-") as tmp:
-        if args.peer_copy is not None:
+        if args.receive is not None:
+            out = measure_receive(int(args.receive * 1e9), tmp=Path(tmp), repeats=args.repeats)
+            for mode in ("recycled", "fresh"):
+                m = out[mode]
+                print(f"receive into {mode} memory: {m['wall']:.2f} s wall, user {m['user']:.2f} + system "
+                      f"{m['system']:.2f} CPU-s: {m['cpu_per_gb']:.2f} CPU-s/GB, "
+                      f"{1 / m['cpu_per_gb']:.2f} GB per CPU-second (a 25 Gb/s link: 3.1 GB/s)")
+        elif args.peer_copy is not None:
             out: Any = measure_peer_copy(int(args.peer_copy * 1e9), tmp=Path(tmp), repeats=args.repeats,
                                          follow=args.follow)
             for s in out["samples"]:

@@ -168,3 +168,16 @@ def test_doctests(module):
     mod = importlib.import_module(f"benchmarks.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_receive_measures_the_stagings_own_receiver(tmp_path):
+    from benchmarks.coldstart import measure_receive
+
+    size = 3 << 20
+    out = measure_receive(size, tmp=tmp_path, repeats=1)
+    received = tmp_path / "receive" / "fresh-0" / "model.bin"
+    assert received.read_bytes() == (tmp_path / "receive" / "model.bin").read_bytes()
+    assert not (tmp_path / "receive" / "recycled-0").exists()
+    for mode in ("recycled", "fresh"):
+        # CPU times tick every 10 ms: a copy of 3 MiB may take less
+        assert out[mode]["wall"] > 0 and out[mode]["cpu_per_gb"] >= 0, out
