@@ -76,9 +76,13 @@ def drain_events(client: Client) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def two_warm_workers_at_work(s: Slurm, seconds: float = 0.3) -> list:
+def two_warm_workers_at_work(s: Slurm, seconds: float = 0.6) -> list:
     """Submit the 80 tasks; return their futures once both jobs are warm and each
-    holds results."""
+    holds results.
+
+    ``seconds`` per task: the work left when one worker goes must outlast a
+    replacement's start-up and load, however busy the machine (0.3 s did not, with
+    two busy loops alongside: the remaining worker finished it first)."""
     futures = s.submit(BATCHES, seconds=seconds)
 
     def both_hold_results() -> bool:
@@ -175,9 +179,9 @@ def test_preempted_worker_drains_during_grace_time(
     # the workers run in job steps (srun) of the 'grace' partition: when a 'high' job
     # preempts one, its step gets SIGTERM at once and SIGKILL GraceTime + KillWait later
     s = start_slurm(max_jobs=2, queue="grace", grace=f"{GRACE}s", srun=True)
-    # longer tasks: the replacement waits for the 'high' job to end, and must still
-    # find work worth a start-up and a load when it can run
-    futures = two_warm_workers_at_work(s, seconds=0.6)
+    # the replacement waits for the 'high' job to end, and must still find work worth
+    # a start-up and a load when it can run
+    futures = two_warm_workers_at_work(s)
     before = connected(s.client)
     job_by_worker = {w: job_of(s, w) for w in before}
     victim = preempt_one_worker(s, before, seconds=4)
