@@ -84,43 +84,41 @@ class IntakeMixin(RouterBase):
             self._fail_safe("update_graph", routed)
 
     def transition(self, key: Hashable, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        task = self.state.tasks.get(key)
+        # every transition of every task comes here, six or more per routed task:
+        # the body is inline and the common cases come first
+        st = self.state
+        task = st.tasks.get(key)
         if task is None:
             return
         try:
-            self._transition(task, start, finish, kwargs)
+            if start == "processing":
+                w = st.left_worker(task)
+                if finish == "memory":
+                    self._finished(task, w, kwargs.get("startstops"))
+                if w is not None:
+                    self.wake(worker=w.address)
+            elif start == "no-worker":
+                st.dequeue(task)
+            if finish == "processing":
+                ws = self.scheduler.tasks[key].processing_on
+                if ws is not None:
+                    st.sent(task, ws.address)
+            elif finish == "no-worker":
+                _compat.park(self.scheduler.tasks[key])  # a placement that did not happen leaves {address}
+                st.enqueue(task)
+                ctx = st.contexts[task.context]
+                if ctx.waiting == 1:
+                    self.replan_when_settled()
+                # a context nobody serves yet needs a plan now, not at the next tick
+                self.wake(replan=not ctx.allowed, context=task.context)
+            elif finish == "released":
+                # lost with its worker, sent back after a failed load, or cancelled:
+                # if it runs again, it comes back through the queue
+                _compat.park(self.scheduler.tasks[key])
+            elif finish == "forgotten":
+                st.forget(key)
         except Exception:
             self._fail_safe("transition", [key])
-
-    def _transition(self, task: RoutedTask, start: str, finish: str, kwargs: dict[str, Any]) -> None:
-        st = self.state
-        if start == "processing":
-            w = st.left_worker(task)
-            if finish == "memory":
-                self._finished(task, w, kwargs.get("startstops"))
-            if w is not None:
-                self.wake(worker=w.address)
-        elif start == "no-worker":
-            st.dequeue(task)
-        if finish == "no-worker":
-            ts = self.scheduler.tasks[task.key]
-            _compat.park(ts)  # a placement that did not happen leaves {address}
-            st.enqueue(task)
-            ctx = st.contexts[task.context]
-            if ctx.waiting == 1:
-                self.replan_when_settled()
-            # a context nobody serves yet needs a plan now, not at the next tick
-            self.wake(replan=not ctx.allowed, context=task.context)
-        elif finish == "processing":
-            ws = self.scheduler.tasks[task.key].processing_on
-            if ws is not None:
-                st.sent(task, ws.address)
-        elif finish == "released":
-            # lost with its worker, sent back after a failed load, or cancelled:
-            # if it runs again, it comes back through the queue
-            _compat.park(self.scheduler.tasks[task.key])
-        elif finish == "forgotten":
-            st.forget(task.key)
 
     def _finished(self, task: RoutedTask, w: WorkerRecord | None, startstops: Any) -> None:
         ctx = self.state.contexts[task.context]

@@ -242,11 +242,8 @@ class RoutingMixin(RouterBase):
 
     def _feed(self) -> None:
         """Hand queued context tasks to the workers whose slots opened and to free
-        workers of the contexts that got new tasks.
-
-        Only those are looked at: the work per event does not grow with the
-        workers or the contexts of the cluster.
-        """
+        workers of the contexts that got new tasks: only those are looked at, so the
+        work per event does not grow with the workers or the contexts of the cluster."""
         st = self.state
         candidates, self._dirty_workers = self._dirty_workers, set()
         contexts, self._dirty_contexts = self._dirty_contexts, set()
@@ -254,9 +251,7 @@ class RoutingMixin(RouterBase):
             ctx = st.contexts.get(name)
             if ctx is None or not ctx.waiting:
                 continue
-            free = self._free
-            small, large = (ctx.allowed, free) if len(ctx.allowed) < len(free) else (free, ctx.allowed)
-            candidates.update(a for a in small if a in large)
+            candidates |= ctx.allowed & self._free  # walks the smaller of the two
         placements: list[tuple[TaskState, str]] = []
         for address in candidates:
             ws = self.scheduler.workers.get(address)
@@ -278,11 +273,16 @@ class RoutingMixin(RouterBase):
             extra = self.prefetch if any(c.waiting > len(c.allowed) for c in usable) else 0
             free = ws.nthreads + extra - _compat.processing_count(ws)
             while free > 0 and usable:
-                heads = [(t.priority, t.seq, c) for c in usable if (t := st.head(c)) is not None]
-                if not heads:
-                    break
-                _, _, c = min(heads)
+                if len(usable) == 1:
+                    c = usable[0]
+                else:
+                    heads = [(t.priority, t.seq, c) for c in usable if (t := st.head(c)) is not None]
+                    if not heads:
+                        break
+                    c = min(heads)[2]
                 task = st.pop_head(c)
+                if task is None:
+                    break
                 ts = self.scheduler.tasks[task.key]
                 if not _compat.fits_resources(ts, ws):
                     st.enqueue(task)

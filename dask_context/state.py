@@ -361,7 +361,8 @@ class RouterState:
 
     def sent(self, task: RoutedTask, address: str) -> None:
         """The task is processing on ``address``."""
-        self.dequeue(task)
+        if task.seq is not None:
+            self.dequeue(task)
         task.worker = address
         task.sent += 1
         ctx = self.contexts.get(task.context)
@@ -369,7 +370,10 @@ class RouterState:
             ctx.progress, ctx.stalls = time.monotonic(), 0
         w = self.workers.get(address)
         if w is not None:
-            w.tasks.setdefault(task.context, set()).add(task.key)
+            keys = w.tasks.get(task.context)
+            if keys is None:
+                keys = w.tasks[task.context] = set()
+            keys.add(task.key)
 
     def left_worker(self, task: RoutedTask) -> WorkerRecord | None:
         """The task stopped processing (finished, failed, released); return its worker."""
@@ -389,6 +393,8 @@ class RouterState:
         """The router is no longer responsible for ``key``."""
         task = self.tasks.pop(key, None)
         if task is not None:
-            self.dequeue(task)
-            self.left_worker(task)
+            if task.seq is not None:
+                self.dequeue(task)
+            if task.worker is not None:
+                self.left_worker(task)
         return task
