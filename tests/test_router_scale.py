@@ -167,3 +167,24 @@ def test_calls_per_event_do_not_grow_with_the_workers_or_the_contexts():
         assert per_event[contexts, 256] <= 1.1 * per_event[contexts, 16], per_event
     # a hundred times the contexts, each worker still holding one
     assert per_event[100, 256] <= 1.1 * per_event[1, 256], per_event
+
+
+def test_the_counting_pass_fails_when_the_router_is_entered_through_an_untimed_method(monkeypatch):
+    # the timed runs wrap only the router's entry points: were Dask to call one that
+    # entry_points leaves out, its work would go untimed, and the counting pass says so
+    entry_points = router_scale.entry_points
+
+    def without_the_transition_hook(scheduler, router):
+        entries = entry_points(scheduler, router)
+        entries[router].discard("transition")
+        return entries
+
+    monkeypatch.setattr(router_scale, "entry_points", without_the_transition_hook)
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False,
+                          "distributed.scheduler.worker-ttl": None}):
+        with pytest.raises(AssertionError, match="ContextRouter.transition"):
+            asyncio.run(router_scale.run(4, 1, 200, routed=True, count=True))
+        # and with every entry listed, the same run passes and is timed whole
+        monkeypatch.setattr(router_scale, "entry_points", entry_points)
+        out = asyncio.run(router_scale.run(4, 1, 200, routed=True))
+    assert out["tasks"] == 200 and out["router_us_per_task"] > out["own_us_per_task"] > 0
