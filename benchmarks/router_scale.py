@@ -564,7 +564,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Dask's own handlers for plain Dask, mostly from `queued`), the router's hook "
         "they call included. Garbage "
         "collections are timed apart, wherever they strike: `gc in router` is the share "
-        "that struck inside the router, `gc` the whole run's pauses for each arm."
+        "that struck inside the router, `gc` the whole run's pauses for each arm. "
+        "The timings follow the machine's speed, which varies by half or more on a "
+        "shared VM: set the router's against plain Dask's placement, measured in the "
+        "same run, which runs the same kind of code."
         + about_calls,
         "",
         "| contexts | workers | router (us/task) | router runs | own (us/task) | "
