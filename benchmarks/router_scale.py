@@ -421,11 +421,11 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool,
                 entries = entry_points(s, router)
                 spent, entered = instrument(router, pauses, entries, counter)
                 # the scheduler took these before the wrapping: hand it the timed ones
-                for table in (s.handlers, s.stream_handlers):
-                    for op, handler in table.items():
+                for handlers in (s.handlers, s.stream_handlers):
+                    for op, handler in handlers.items():
                         owner = getattr(handler, "__self__", None)
                         if owner in entries:
-                            table[op] = getattr(owner, handler.__name__)
+                            handlers[op] = getattr(owner, handler.__name__)
                 s.periodic_callbacks["dask-context"].callback = router._periodic
                 await asyncio.gather(*(w.announce(s.rpc(s.address)) for w in workers))
             per = ntasks // ncontexts
@@ -459,8 +459,9 @@ async def run(nworkers: int, ncontexts: int, ntasks: int, routed: bool,
         _compat.send = send_untimed
     if count:
         known = {f"{type(o).__name__}.{n}" for o, names in entries.items() for n in names}
-        assert entered <= known, f"the router was entered through {entered - known}, " \
-            "which the timed runs do not time: add them to entry_points"
+        if not entered <= known:
+            raise RuntimeError(f"the router was entered through {entered - known}, which "
+                               "the timed runs do not time: add them to entry_points")
         return {"workers": nworkers, "contexts": ncontexts, "tasks": done,
                 **calls_per_task(calls, done)}
     transitions = spent.pop(SEND, 0.0)

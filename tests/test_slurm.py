@@ -526,7 +526,9 @@ def test_lost_worker_job_loses_no_result(
     # in 'high' takes the CPUs of one of them, as on a shared production cluster.
     # The workers do not drain on the warning here (tests/test_slurm_drain.py: they do)
     s = start_slurm(max_jobs=2, queue="scavenger" if how == "preempt" else "debug")
-    futures = s.submit(BATCHES, seconds=0.3)
+    # tasks of 0.6 s: the work left outlasts the replacement's start (after the
+    # preempting job, in "preempt") on a busy machine, so that warming it pays
+    futures = s.submit(BATCHES, seconds=0.6)
     keys = {f.key for f in futures}
     wait_until(
         lambda: len(warm_workers(s.client)) == 2 and sum(f.done() for f in futures) >= 8,
