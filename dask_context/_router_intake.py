@@ -85,7 +85,7 @@ class IntakeMixin(RouterBase):
 
     def transition(self, key: Hashable, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         # every transition of every task comes here, six or more per routed task:
-        # the body is inline and the common cases come first
+        # the body is inline, a call less each time
         st = self.state
         task = st.tasks.get(key)
         if task is None:
