@@ -52,6 +52,11 @@ WAIT_COUNT = 4
 
 CLAIMS = make_claims(320, seed=7)
 BATCHES = [CLAIMS[i : i + 4] for i in range(0, len(CLAIMS), 4)]
+# seconds per task in the tests that lose a worker mid-run: the work left must outlast
+# a replacement's start-up and load (after the preempting job, where one preempts),
+# however busy the machine (with two busy loops alongside, the remaining worker
+# finished 0.3 s tasks before the replacement had loaded)
+LOSS_TASK_SECONDS = 0.6
 
 _names = itertools.count()
 
@@ -526,9 +531,7 @@ def test_lost_worker_job_loses_no_result(
     # in 'high' takes the CPUs of one of them, as on a shared production cluster.
     # The workers do not drain on the warning here (tests/test_slurm_drain.py: they do)
     s = start_slurm(max_jobs=2, queue="scavenger" if how == "preempt" else "debug")
-    # tasks of 0.6 s: the work left outlasts the replacement's start (after the
-    # preempting job, in "preempt") on a busy machine, so that warming it pays
-    futures = s.submit(BATCHES, seconds=0.6)
+    futures = s.submit(BATCHES, seconds=LOSS_TASK_SECONDS)
     keys = {f.key for f in futures}
     wait_until(
         lambda: len(warm_workers(s.client)) == 2 and sum(f.done() for f in futures) >= 8,

@@ -38,6 +38,7 @@ from dask_context import config, preemption
 from tests.loaders import blob
 from tests.test_slurm import (
     BATCHES,
+    LOSS_TASK_SECONDS,
     Runs,
     Slurm,
     check_results,
@@ -76,13 +77,9 @@ def drain_events(client: Client) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def two_warm_workers_at_work(s: Slurm, seconds: float = 0.6) -> list:
+def two_warm_workers_at_work(s: Slurm, seconds: float = LOSS_TASK_SECONDS) -> list:
     """Submit the 80 tasks; return their futures once both jobs are warm and each
-    holds results.
-
-    ``seconds`` per task: the work left when one worker goes must outlast a
-    replacement's start-up and load, however busy the machine (0.3 s did not, with
-    two busy loops alongside: the remaining worker finished it first)."""
+    holds results."""
     futures = s.submit(BATCHES, seconds=seconds)
 
     def both_hold_results() -> bool:
