@@ -18,6 +18,7 @@ from dask_context.errors import (
     DuplicateContextError,
     NotRegisteredError,
     UnknownContextError,
+    WorkerDiedLoadingError,
 )
 from dask_context.preemption import drain as drain
 from dask_context.preemption import request_drain as request_drain
@@ -53,6 +54,7 @@ __all__ = [
     "DuplicateContextError",
     "NotRegisteredError",
     "UnknownContextError",
+    "WorkerDiedLoadingError",
     "delayed",
     "get_context",
     "register",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import dask.config
 import distributed
 from dask._task_spec import Alias, DataNode, GraphNode, Task
 from packaging.version import Version
@@ -307,6 +308,19 @@ def _user_callable(func: Any) -> bool:
 
 
 # ---------------------------------------------------------------- worker side
+def over_nanny_memory_limit(worker: Worker) -> bool:
+    """Whether ``worker`` uses more memory than its nanny allows
+    (``distributed.worker.memory.terminate`` of its memory limit, less a margin for
+    what was freed since the nanny looked): the nanny is terminating it."""
+    import psutil
+
+    limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
+    fraction = dask.config.get("distributed.worker.memory.terminate")
+    if not limit or fraction is False:
+        return False
+    return psutil.Process().memory_info().rss > (fraction - 0.05) * limit
+
+
 def current_key() -> Hashable | None:
     """Key of the task running in this worker thread, if any."""
     from distributed.worker import thread_state

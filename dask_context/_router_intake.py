@@ -3,8 +3,9 @@
 ``update_graph`` parks new tasks that need a context (with the marks and learned
 groups of :mod:`._router_learning`), ``transition`` follows routed tasks through
 the queue, to a worker and out, ``log_event`` takes what workers report (loads,
-evictions, failed loads, staged files, tasks that use or ignore a context) and
-``add_worker`` / ``remove_worker`` follow the cluster's membership. Each hook is
+evictions, failed loads, staged files, tasks that use or ignore a context) and how
+workers leave (a death during a load is a failed load), and ``add_worker`` /
+``remove_worker`` follow the cluster's membership. Each hook is
 fail-safe: an error hands the tasks concerned back to Dask
 (:meth:`~._router_guard.GuardMixin._fail_safe`). Each ends by waking the routing
 loop (:mod:`._router_loop`).
@@ -19,11 +20,15 @@ from typing import TYPE_CHECKING, Any
 from dask_context import _compat, graph
 from dask_context._protocol import TOPIC
 from dask_context._router_base import RouterBase, logger
-from dask_context.errors import error_payload
-from dask_context.state import RoutedTask, WorkerRecord, observe
+from dask_context.errors import WorkerDiedLoadingError, error_payload
+from dask_context.state import ContextRecord, RoutedTask, WorkerRecord, observe
 
 if TYPE_CHECKING:
     from distributed import Scheduler
+
+
+#: the statuses a worker announces when it closes in order
+LEAVING = ("closing", "closing_gracefully")
 
 
 def _ema(old: float | None, new: float, weight: float = 0.3) -> float:
@@ -44,12 +49,15 @@ class IntakeMixin(RouterBase):
 
     Owns the measured task durations: ``durations`` (seconds per task prefix, a
     moving average) and ``typical_duration`` (of every context task seen), which
-    :mod:`._router_views` turns into backlogs.
+    :mod:`._router_views` turns into backlogs, and the workers that said they are
+    closing (``_closing``).
     """
 
     def _init_intake(self) -> None:
         self.durations: dict[str, float] = {}
         self.typical_duration: float | None = None
+        # workers that said they are closing: they leave in order, they do not die
+        self._closing: set[str] = set()
 
     def update_graph(
         self, scheduler: Scheduler, *, tasks: list[Hashable] = (),
@@ -136,12 +144,50 @@ class IntakeMixin(RouterBase):
         task.load_seconds = None
 
     def log_event(self, topic: str, msg: Any) -> None:
-        if topic != TOPIC or not isinstance(msg, dict):
+        if not isinstance(msg, dict):
             return
         try:
-            self._event(msg)
+            if topic == TOPIC:
+                self._event(msg)
+            elif msg.get("action") == "worker-status-change" and topic in self.state.workers:
+                # the topic is the worker's address
+                if msg.get("status") in LEAVING:
+                    self._closing.add(topic)
+                else:  # a retirement that could not move the worker's data: it stays
+                    self._closing.discard(topic)
+            elif topic == "all" and msg.get("action") == "remove-worker":
+                # logged by the scheduler just before remove_worker, while the record
+                # of what the worker was loading is still here
+                self._left(msg.get("worker"), bool(msg.get("expected")))
         except Exception:
             self._fail_safe("log_event", self._all_waiting())
+
+    def _left(self, address: str | None, expected: bool) -> None:
+        """A worker left: if it died (it did not close in order), each load in flight
+        there failed.
+
+        A loader that kills its worker (out of memory, a crash in native code) runs
+        with no task on the worker, so Dask counts no failure; counted here, its
+        context's tasks fail after ``failed-load-workers`` deaths instead of waiting
+        through the nanny's restarts forever. A worker preempted mid-load without a
+        warning counts too, as Dask counts a task whose worker dies; a load that
+        succeeds anywhere keeps the tasks alive. A worker that said it was closing
+        (``client.restart()``, a retirement, a drain) did not die; one its nanny
+        terminates for its memory dies (:mod:`dask_context.preemption` does not
+        drain it).
+        """
+        closing = address in self._closing
+        self._closing.discard(address)
+        w = self.state.workers.get(address)
+        if w is None or expected or closing or w.draining:
+            return
+        for name in {*w.loading, *(c for c in w.asked if c not in w.resident)}:
+            ctx = self.state.contexts.get(name)
+            if ctx is not None:
+                self._load_failed(ctx, w.address, WorkerDiedLoadingError(
+                    f"worker {w.address} died while loading context {name!r} (out of "
+                    "memory, a crash in native code, or killed); its tasks fail once "
+                    "this happens on dask-context.scheduler.failed-load-workers workers"))
 
     def _event(self, msg: dict[str, Any]) -> None:
         st = self.state
@@ -188,14 +234,18 @@ class IntakeMixin(RouterBase):
             if ctx.reader == w.address:
                 ctx.reader = None
         elif action == "failed":
-            ctx.failures += 1
-            ctx.error = msg.get("payload") or error_payload(RuntimeError(msg.get("error")))
-            st.exclude(ctx, w.address, time.monotonic())
-            logger.warning(
-                "Loading context %r failed on %s (%s); its tasks go to other workers",
-                name, w.address, msg.get("error"),
-            )
+            self._load_failed(ctx, w.address, msg.get("payload") or RuntimeError(msg.get("error")))
         self.wake(replan=True, worker=w.address)
+
+    def _load_failed(self, ctx: ContextRecord, address: str, error: dict[str, Any] | Exception) -> None:
+        """A load of ``ctx`` failed on ``address``: that worker stops serving it, and
+        ``error`` (a payload or an exception) is what its tasks fail with if it
+        fails everywhere."""
+        ctx.failures += 1
+        ctx.error = error_payload(error) if isinstance(error, BaseException) else error
+        self.state.exclude(ctx, address, time.monotonic())
+        logger.warning("Loading context %r failed on %s (%s); its tasks go to other workers",
+                       ctx.name, address, ctx.error["exception_text"])
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self.state.add_worker(worker, scheduler.workers[worker].nthreads)

@@ -18,7 +18,7 @@ from dask.utils import parse_timedelta
 
 from dask_context import _compat, config
 from dask_context._router_base import RouterBase
-from dask_context.policy import ContextView, Resident, WorkerView
+from dask_context.policy import ContextView, Resident, WorkerView, load_failed_everywhere
 from dask_context.state import ContextRecord, WorkerRecord, underestimate
 
 
@@ -52,6 +52,12 @@ class ViewsMixin(RouterBase):
         scale = underestimate((ctx.memory, ctx.nbytes) for ctx in st.contexts.values())
         for c, ctx in st.contexts.items():
             head = st.head(ctx)
+            held = any(c in st.workers[a].resident for a in ctx.allowed if a in st.workers)
+            # failed on failed-load-workers workers (or all) and held nowhere: only the
+            # loads in flight may still succeed and no other starts, so that its tasks
+            # fail when those end, however many workers (restarted or new) could try
+            given_up = not held and load_failed_everywhere(
+                ctx.failed_on, running, serving=False, limit=self.failed_limit)
             # a measured load against a guessed duration would warm workers on no
             # evidence (a warm worker is measuring its tasks' duration now); guesses
             # on both sides (before the first load) are comparable
@@ -64,12 +70,11 @@ class ViewsMixin(RouterBase):
                 allowed=frozenset(ctx.allowed),
                 first=head.priority if head is not None else (),
                 # the workers _can_load refuses, from indexes kept as they change
-                excluded=frozenset(ctx.lacking.union(ctx.failed_on, draining)),
+                excluded=frozenset(ctx.lacking.union(
+                    ctx.failed_on, draining, running.keys() - ctx.allowed if given_up else ())),
                 waited=now - ctx.since if ctx.since is not None else 0.0,
                 measured=ctx.nbytes is not None,
-                failing=bool(ctx.failed_on) and not any(
-                    c in st.workers[a].resident for a in ctx.allowed if a in st.workers
-                ),
+                failing=bool(ctx.failed_on) and not held,
             )
         workers = {}
         for a, w in records.items():

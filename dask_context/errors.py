@@ -37,6 +37,11 @@ class NotRegisteredError(ContextError, RuntimeError):
     """``get_context`` ran on a worker where dask-context was never set up."""
 
 
+class WorkerDiedLoadingError(ContextError, RuntimeError):
+    """Workers died while loading a context (out of memory, a crash in native code,
+    a kill): its tasks fail once this happened on ``failed-load-workers`` workers."""
+
+
 class SettingError(ContextError, ValueError):
     """A ``dask-context`` setting has a value that cannot be used."""
 

@@ -195,8 +195,13 @@ class PreemptionPlugin(WorkerPlugin):
             del worker.handlers[DRAIN_HANDLER]
 
     def _signalled(self, signum: int) -> None:
-        if self._drain is None and self.worker.status not in (Status.running, Status.paused):
-            # a worker already on its way out (closing, retiring) has nothing to drain:
+        if self._drain is None and (
+            self.worker.status not in (Status.running, Status.paused)
+            or _compat.over_nanny_memory_limit(self.worker)
+        ):
+            # a worker already on its way out (closing, retiring) has nothing to drain;
+            # one over the memory its nanny allows got the nanny's SIGTERM, and must
+            # die so that the nanny starts a fresh one (a drain would leave for good):
             # the signal does what it would have done without this plugin
             _HUB.remove(self)
             signal.raise_signal(signum)

@@ -58,6 +58,38 @@ def fails_on(bad: list, nbytes: int = 1000, seconds: float = 0.0) -> dict:
     return blob("ok", nbytes=nbytes, seconds=seconds)
 
 
+def fails_slowly_on(slow: list, seconds: float) -> dict:
+    """A context whose load always fails: after ``seconds`` on the workers named in
+    ``slow``, at once elsewhere."""
+    from distributed import get_worker
+
+    if get_worker().address in slow:
+        time.sleep(seconds)
+    raise OSError("weights file is corrupt")
+
+
+def kills_its_worker(on: list | None = None, seconds: float = 0.2) -> dict:
+    """A context whose load kills the worker process (out of memory, a crash in
+    native code) on the workers named in ``on`` (every worker if None)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    time.sleep(seconds)
+    if on is None or worker.name in on:
+        os._exit(1)
+    return blob("survivor")
+
+
+def outgrows_its_worker(mib: int = 2048, step: int = 32, seconds: float = 0.05) -> dict:
+    """A context that keeps growing, ``step`` MiB every ``seconds``, to ``mib`` MiB:
+    weights too large for the worker's memory limit, read bit by bit."""
+    chunks = []
+    for _ in range(mib // step):
+        chunks.append(b"\x01" * (step << 20))  # written, so resident
+        time.sleep(seconds)
+    return {"chunks": chunks}
+
+
 def fails_first_time(marker: str, seconds: float = 0.0) -> dict:
     """A context whose very first load (across all workers) fails, then works."""
     try:

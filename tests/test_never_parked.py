@@ -4,6 +4,9 @@ with no error (issue 16), on real process workers.
 - a loader with type hints defined in the user's own script (``__main__``);
 - ``client.restart()`` and then more work;
 - ``register(..., replace=True)`` after a load, twenty times, quiet and under CPU load;
+- a loader that kills its worker process, on every worker or on one, or outgrows its
+  worker's memory limit (the nanny restarts it); restarts during loads, which are no
+  deaths;
 - the stall guard, tested by corrupting the router's records on purpose.
 """
 
@@ -23,7 +26,7 @@ from distributed import Client, LocalCluster, wait
 
 import dask_context
 from dask_context import ContextSpec
-from tests.loaders import blob, use_context
+from tests.loaders import blob, kills_its_worker, outgrows_its_worker, use_context
 
 
 def _cluster(n: int = 2) -> LocalCluster:
@@ -116,6 +119,62 @@ def test_context_tasks_run_after_client_restart():
         assert set(report["workers"]) == set(client.scheduler_info()["workers"])
         # the router knows again what each worker can load
         assert report["contexts"]["r"]["allowed"]
+
+
+def test_a_loader_that_kills_every_worker_fails_its_tasks_with_a_clear_error():
+    # the nanny restarts each worker it kills; Dask counts no task against the
+    # deaths, as loads run before any task is sent
+    with _cluster() as cluster, Client(cluster) as client:
+        dask_context.register(client, ContextSpec("crash", kills_its_worker))
+        with dask_context.use("crash"):
+            futures = client.map(use_context, range(4), name="crash")
+        wait(futures, timeout=120)
+        for f in futures:
+            with pytest.raises(dask_context.WorkerDiedLoadingError, match="died while loading context 'crash'"):
+                f.result()
+        deaths = dask_context.report(client)["contexts"]["crash"]["failures"]
+        # failed-load-workers (3), and at most the loads in flight then: none starts after
+        assert 3 <= deaths <= 4
+
+
+def test_a_loader_that_kills_one_worker_leaves_the_tasks_to_the_other():
+    with _cluster() as cluster, Client(cluster) as client:
+        dask_context.register(client, ContextSpec("crash", kills_its_worker, kwargs={"on": [0]}))
+        with dask_context.use("crash"):
+            futures = client.map(use_context, range(20), name="crash", seconds=0.05)
+        wait(futures, timeout=120)
+        assert sorted(f.result()[1] for f in futures) == list(range(20))
+
+
+def test_a_loader_that_outgrows_the_memory_limit_fails_its_tasks():
+    # the nanny terminates the worker (SIGTERM), which drains it in order: the
+    # nanny's own event says it was a death
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="400 MiB",
+                      dashboard_address=None, worker_dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        dask_context.register(client, ContextSpec("huge", outgrows_its_worker))
+        with dask_context.use("huge"):
+            future = client.submit(use_context, 1, name="huge")
+        wait(future, timeout=180)
+        with pytest.raises(dask_context.WorkerDiedLoadingError, match="'huge'"):
+            future.result()
+
+
+def test_restarts_during_loads_are_no_deaths():
+    with _cluster() as cluster, Client(cluster) as client:
+        dask_context.register(client, ContextSpec("slow", blob, args=["slow"], kwargs={"seconds": 3.0}))
+        for _ in range(4):  # more than failed-load-workers
+            with dask_context.use("slow"):
+                futures = client.map(use_context, range(4), name="slow")
+            deadline = time.monotonic() + 30
+            while not any(w["loading"] for w in dask_context.report(client)["workers"].values()):
+                assert time.monotonic() < deadline, "no load started"
+                time.sleep(0.05)
+            client.restart()
+        with dask_context.use("slow"):
+            futures = client.map(use_context, range(4), name="slow")
+        assert [r[1] for r in client.gather(futures)] == list(range(4))
+        assert dask_context.report(client)["contexts"]["slow"]["failures"] == 0
 
 
 def test_replace_after_a_load_never_strands_tasks(cpu_load):

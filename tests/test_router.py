@@ -20,7 +20,7 @@ import dask_context as dc
 import dask_context._router_loop
 from dask_context import ContextSpec
 from dask_context.state import RouterState
-from tests.loaders import always_fails, blob, fails_first_time, fails_on, where
+from tests.loaders import always_fails, blob, fails_first_time, fails_on, fails_slowly_on, where
 
 ONE = [("127.0.0.1", 1)]
 THREE = [("127.0.0.1", 1)] * 3
@@ -129,6 +129,8 @@ async def test_one_bad_node_does_not_fail_the_run(c, s, *workers):
     results = await c.gather(futures)
     assert sorted(x for x, _ in results) == list(range(300))
     assert bad.address not in {addr for _, addr in results}
+    # the bad node's failure may be reported after the good ones finished the work
+    await async_poll_for(lambda: router(s).state.contexts["A"].failures, timeout=10)
     r = (await report(c))["contexts"]["A"]
     assert r["failures"] == 1 and list(r["failed_on"]) == [bad.address]
     assert r["tasks"] == 300 and r["loads"] <= 2
@@ -173,6 +175,25 @@ async def test_failed_load_workers_limits_how_many_workers_try(c, s, *workers):
     await wait(futures)
     assert all(f.status == "error" for f in futures)
     assert (await report(c))["contexts"]["A"]["failures"] == 2
+
+
+@gen_cluster(client=True, nthreads=THREE, config={"dask-context.scheduler.failed-load-workers": 2})
+async def test_once_failed_load_workers_failed_no_new_worker_starts_a_load(c, s, *workers):
+    # two loads fail at once, the third is still running: the tasks wait for it,
+    # and a worker that joins meanwhile (as a restarted one would) must not try too,
+    # or a stream of newcomers would keep the tasks waiting forever
+    slow = workers[2]
+    await dc.register(c, ContextSpec("A", fails_slowly_on, args=[[slow.address], 1.5], load_time=0.01))
+    with dc.use("A"):
+        futures = c.map(where, range(30), name="A")
+    await async_poll_for(lambda: len(router(s).state.contexts["A"].failed_on) == 2, timeout=10)
+    assert "A" in slow.extensions["dask-context"].cache.loading()
+    async with Worker(s.address, nthreads=1) as newcomer:
+        await wait(futures)
+        assert all(f.status == "error" for f in futures)
+        r = (await report(c))["contexts"]["A"]
+        # the newcomer's load would have failed at once
+        assert r["failures"] == 3 and newcomer.address not in r["failed_on"]
 
 
 @gen_cluster(client=True, nthreads=ONE, config={"dask-context.worker.failed-load-retry": "200ms"})
