@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 class GuardMixin(RouterBase):
     """Stall guard, reconcile and fail-safe.
 
-    Owns its settings: ``failed_limit`` (workers a load may fail on before its
+    Owns its settings: ``death_limit`` (workers that may die loading a context that
+    never loaded before its tasks fail), ``failed_limit`` (workers a load may fail on before its
     tasks fail) and ``stall_margin`` (how long past a load a context may wait with
     an idle worker able to serve it; also the grace before a plugin is reinstalled).
     The per-context stall counters live in the context records (``ctx.stalls``,
@@ -35,6 +36,7 @@ class GuardMixin(RouterBase):
 
     def _init_guard(self) -> None:
         self.failed_limit = int(config.get("scheduler.failed-load-workers"))
+        self.death_limit = int(config.get("scheduler.load-deaths"))
         self.stall_margin = config.get_seconds("scheduler.stall-margin")
 
     def _fail_hopeless(self) -> None:
@@ -47,12 +49,15 @@ class GuardMixin(RouterBase):
                 continue
             serving = any(w.holds(ctx.name) for w in st.workers.values())
             if load_failed_everywhere(ctx.failed_on.keys(), running, serving, self.failed_limit):
-                keys = [t.key for t in st.waiting_tasks(ctx)]
-                logger.error(
-                    "Context %r failed to load on %d worker(s) (%s): failing %d queued task(s)",
-                    ctx.name, len(ctx.failed_on), ctx.error["exception_text"], len(keys),
-                )
-                _compat.fail(self.scheduler, keys, ctx.error, f"dask-context-failed-{time.time()}")
+                self._fail_queued(ctx, len(ctx.failed_on))
+
+    def _fail_queued(self, ctx: ContextRecord, workers: int) -> None:
+        """Fail the queued tasks of ``ctx`` with ``ctx.error``: its load failed on
+        ``workers`` workers."""
+        keys = [t.key for t in self.state.waiting_tasks(ctx)]
+        logger.error("Context %r failed to load on %d worker(s) (%s): failing %d queued task(s)",
+                     ctx.name, workers, ctx.error["exception_text"], len(keys))
+        _compat.fail(self.scheduler, keys, ctx.error, f"dask-context-failed-{time.time()}")
 
     def _guard(self, now: float) -> None:
         """Act on a context whose queued tasks wait while a worker could serve them.

@@ -21,7 +21,7 @@ from dask_context import _compat, graph
 from dask_context._protocol import TOPIC
 from dask_context._router_base import RouterBase, logger
 from dask_context.errors import WorkerDiedLoadingError, error_payload
-from dask_context.state import ContextRecord, RoutedTask, WorkerRecord, observe
+from dask_context.state import RoutedTask, WorkerRecord, observe
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -168,13 +168,14 @@ class IntakeMixin(RouterBase):
 
         A loader that kills its worker (out of memory, a crash in native code) runs
         with no task on the worker, so Dask counts no failure; counted here, its
-        context's tasks fail after ``failed-load-workers`` deaths instead of waiting
-        through the nanny's restarts forever. A worker preempted mid-load without a
-        warning counts too, as Dask counts a task whose worker dies; a load that
-        succeeds anywhere keeps the tasks alive. A worker that said it was closing
-        (``client.restart()``, a retirement, a drain) did not die; one its nanny
-        terminates for its memory dies (:mod:`dask_context.preemption` does not
-        drain it).
+        context's tasks fail after ``load-deaths`` deaths instead of waiting through
+        the nanny's restarts forever. Only while the context never loaded: a
+        preemption storm kills workers mid-load too, several in a row when loads are
+        long, and a context that loaded once is no loader that kills every worker
+        (its tasks rerun, as Dask reruns those of a lost worker). A worker that said
+        it was closing (``client.restart()``, a retirement, a drain) did not die; one
+        its nanny terminates for its memory dies (:mod:`dask_context.preemption`
+        does not drain it).
         """
         closing = address in self._closing
         self._closing.discard(address)
@@ -183,11 +184,17 @@ class IntakeMixin(RouterBase):
             return
         for name in {*w.loading, *(c for c in w.asked if c not in w.resident)}:
             ctx = self.state.contexts.get(name)
-            if ctx is not None:
-                self._load_failed(ctx, w.address, WorkerDiedLoadingError(
-                    f"worker {w.address} died while loading context {name!r} (out of "
-                    "memory, a crash in native code, or killed); its tasks fail once "
-                    "this happens on dask-context.scheduler.failed-load-workers workers"))
+            if ctx is None or ctx.loads:
+                continue
+            ctx.deaths += 1
+            ctx.failures += 1
+            ctx.error = error_payload(WorkerDiedLoadingError(
+                f"{ctx.deaths} worker(s) died while loading context {name!r} (out of memory, "
+                f"a crash in native code, or killed), the last {w.address}, and it never "
+                "loaded: its tasks fail after dask-context.scheduler.load-deaths deaths"))
+            logger.warning("%s", ctx.error["exception_text"])
+            if ctx.deaths >= self.death_limit and ctx.waiting:
+                self._fail_queued(ctx, ctx.deaths)
 
     def _event(self, msg: dict[str, Any]) -> None:
         st = self.state
@@ -234,18 +241,15 @@ class IntakeMixin(RouterBase):
             if ctx.reader == w.address:
                 ctx.reader = None
         elif action == "failed":
-            self._load_failed(ctx, w.address, msg.get("payload") or RuntimeError(msg.get("error")))
+            ctx.failures += 1
+            ctx.error = msg.get("payload") or error_payload(RuntimeError(msg.get("error")))
+            st.exclude(ctx, w.address, time.monotonic())
+            logger.warning(
+                "Loading context %r failed on %s (%s); its tasks go to other workers",
+                name, w.address, msg.get("error"),
+            )
         self.wake(replan=True, worker=w.address)
 
-    def _load_failed(self, ctx: ContextRecord, address: str, error: dict[str, Any] | Exception) -> None:
-        """A load of ``ctx`` failed on ``address``: that worker stops serving it, and
-        ``error`` (a payload or an exception) is what its tasks fail with if it
-        fails everywhere."""
-        ctx.failures += 1
-        ctx.error = error_payload(error) if isinstance(error, BaseException) else error
-        self.state.exclude(ctx, address, time.monotonic())
-        logger.warning("Loading context %r failed on %s (%s); its tasks go to other workers",
-                       ctx.name, address, ctx.error["exception_text"])
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self.state.add_worker(worker, scheduler.workers[worker].nthreads)

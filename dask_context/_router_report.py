@@ -30,6 +30,7 @@ class ReportMixin(RouterBase):
                 "memory": c.memory,
                 "evictions": c.evictions,
                 "failures": c.failures,
+                "deaths": c.deaths,
                 "tasks": c.tasks,
                 "hits": c.hits,
                 "warmups": c.warmups,

@@ -38,8 +38,8 @@ class NotRegisteredError(ContextError, RuntimeError):
 
 
 class WorkerDiedLoadingError(ContextError, RuntimeError):
-    """Workers died while loading a context (out of memory, a crash in native code,
-    a kill): its tasks fail once this happened on ``failed-load-workers`` workers."""
+    """Workers died while loading a context that never loaded (out of memory, a crash
+    in native code, a kill): its tasks fail once ``load-deaths`` workers did."""
 
 
 class SettingError(ContextError, ValueError):

@@ -170,6 +170,8 @@ class ContextRecord:
     unload_seconds: float = 0.0
     unload_buckets: list[int] = field(default_factory=_buckets)
     failures: int = 0
+    #: workers that died while loading it, before it ever loaded (see load-deaths)
+    deaths: int = 0
     tasks: int = 0
     hits: int = 0
     warmups: int = 0
