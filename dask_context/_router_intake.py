@@ -4,7 +4,7 @@
 groups of :mod:`._router_learning`), ``transition`` follows routed tasks through
 the queue, to a worker and out, ``log_event`` takes what workers report (loads,
 evictions, failed loads, staged files, tasks that use or ignore a context) and how
-workers leave (a death during a load is a failed load), and ``add_worker`` /
+workers leave (dying while loading a context that never loaded), and ``add_worker`` /
 ``remove_worker`` follow the cluster's membership. Each hook is
 fail-safe: an error hands the tasks concerned back to Dask
 (:meth:`~._router_guard.GuardMixin._fail_safe`). Each ends by waking the routing
@@ -194,7 +194,8 @@ class IntakeMixin(RouterBase):
                 "loaded: its tasks fail after dask-context.scheduler.load-deaths deaths"))
             logger.warning("%s", ctx.error["exception_text"])
             if ctx.deaths >= self.death_limit and ctx.waiting:
-                self._fail_queued(ctx, ctx.deaths)
+                # once the scheduler has handled the removal it is in the middle of
+                self.scheduler.loop.add_callback(self._fail_queued, ctx, ctx.deaths)
 
     def _event(self, msg: dict[str, Any]) -> None:
         st = self.state
@@ -249,7 +250,6 @@ class IntakeMixin(RouterBase):
                 name, w.address, msg.get("error"),
             )
         self.wake(replan=True, worker=w.address)
-
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self.state.add_worker(worker, scheduler.workers[worker].nthreads)
