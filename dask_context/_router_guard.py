@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 class GuardMixin(RouterBase):
     """Stall guard, reconcile and fail-safe.
 
-    Owns its settings: ``death_limit`` (workers that may die loading a context that
-    never loaded before its tasks fail), ``failed_limit`` (workers a load may fail
+    Owns its settings: ``death_limit`` (workers that may die loading a context since
+    it last loaded before its tasks fail), ``failed_limit`` (workers a load may fail
     on before its tasks fail) and ``stall_margin`` (how long past a load a context
     may wait with an idle worker able to serve it; also the grace before a plugin
     is reinstalled).

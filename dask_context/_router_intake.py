@@ -4,7 +4,7 @@
 groups of :mod:`._router_learning`), ``transition`` follows routed tasks through
 the queue, to a worker and out, ``log_event`` takes what workers report (loads,
 evictions, failed loads, staged files, tasks that use or ignore a context) and how
-workers leave (dying while loading a context that never loaded), and ``add_worker`` /
+workers leave (dying while loading a context), and ``add_worker`` /
 ``remove_worker`` follow the cluster's membership. Each hook is
 fail-safe: an error hands the tasks concerned back to Dask
 (:meth:`~._router_guard.GuardMixin._fail_safe`). Each ends by waking the routing
@@ -168,11 +168,14 @@ class IntakeMixin(RouterBase):
 
         A loader that kills its worker (out of memory, a crash in native code) runs
         with no task on the worker, so Dask counts no failure; counted here, its
-        context's tasks fail after ``load-deaths`` deaths instead of waiting through
-        the nanny's restarts forever. Only while the context never loaded: a
-        preemption storm kills workers mid-load too, several in a row when loads are
-        long, and a context that loaded once is no loader that kills every worker
-        (its tasks rerun, as Dask reruns those of a lost worker). A worker that said
+        context's tasks fail after ``load-deaths`` deaths since it last loaded, once
+        no worker holds it, instead of waiting through the nanny's restarts forever
+        (the workers it loaded on may have left since, the ones it kills stayed). A
+        load that completes starts the count again: a preemption storm kills workers
+        mid-load too, several in a row when loads are long, and a loader that works
+        is no loader that kills every worker (its tasks rerun, as Dask reruns those
+        of a lost worker); while a worker holds the context, its tasks run there.
+        A worker that said
         it was closing (``client.restart()``, a retirement, a drain) did not die; one
         its nanny terminates for its memory dies (:mod:`dask_context.preemption`
         does not drain it).
@@ -184,16 +187,20 @@ class IntakeMixin(RouterBase):
             return
         for name in {*w.loading, *(c for c in w.asked if c not in w.resident)}:
             ctx = self.state.contexts.get(name)
-            if ctx is None or ctx.loads:
+            if ctx is None:
                 continue
             ctx.deaths += 1
+            ctx.dying += 1
             ctx.failures += 1
             ctx.error = error_payload(WorkerDiedLoadingError(
-                f"{ctx.deaths} worker(s) died while loading context {name!r} (out of memory, "
-                f"a crash in native code, or killed), the last {w.address}, and it never "
-                "loaded: its tasks fail after dask-context.scheduler.load-deaths deaths"))
+                f"{ctx.dying} worker(s) died while loading context {name!r} (out of memory, "
+                f"a crash in native code, or killed) since it last loaded, the last "
+                f"{w.address}: its tasks fail once dask-context.scheduler.load-deaths "
+                "did and no worker holds it"))
             logger.warning("%s", ctx.error["exception_text"])
-            if ctx.deaths >= self.death_limit and ctx.waiting:
+            held = any(name in o.resident or name in o.host
+                       for o in self.state.workers.values() if o is not w)
+            if ctx.dying >= self.death_limit and ctx.waiting and not held:
                 # once the scheduler has handled the removal it is in the middle of
                 self.scheduler.loop.add_callback(self._fail_queued, ctx, ctx.deaths)
 
@@ -219,6 +226,7 @@ class IntakeMixin(RouterBase):
                 ctx.rewarms += 1
             else:
                 ctx.loads += 1
+                ctx.dying = 0
                 ctx.load_seconds += msg["seconds"]
                 observe(ctx.load_buckets, msg["seconds"])
                 ctx.load_time = _ema(ctx.load_time, msg["seconds"])

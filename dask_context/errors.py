@@ -38,8 +38,9 @@ class NotRegisteredError(ContextError, RuntimeError):
 
 
 class WorkerDiedLoadingError(ContextError, RuntimeError):
-    """Workers died while loading a context that never loaded (out of memory, a crash
-    in native code, a kill): its tasks fail once ``load-deaths`` workers did."""
+    """Workers died while loading a context (out of memory, a crash in native code, a
+    kill): its tasks fail once ``load-deaths`` workers did since it last loaded and no
+    worker holds it."""
 
 
 class SettingError(ContextError, ValueError):

@@ -146,6 +146,27 @@ def test_a_loader_that_kills_one_worker_leaves_the_tasks_to_the_other():
         assert sorted(f.result()[1] for f in futures) == list(range(20))
 
 
+def test_a_loader_that_kills_the_workers_left_fails_its_tasks_once_its_holder_left():
+    # it loaded on worker 1 and kills worker 0; once worker 1 is gone, the deaths
+    # since that load count, where the nanny would restart worker 0 forever
+    with dask.config.set({"dask-context.scheduler.load-deaths": 3}), _cluster() as cluster, \
+            Client(cluster) as client:
+        dask_context.register(client, ContextSpec("crash", kills_its_worker, kwargs={"on": [0]}))
+        with dask_context.use("crash"):
+            first = client.map(use_context, range(6), name="crash", seconds=0.05)
+        assert sorted(r[1] for r in client.gather(first)) == list(range(6))
+        holders = [a for a, w in dask_context.report(client)["workers"].items() if "crash" in w["resident"]]
+        assert len(holders) == 1
+        client.retire_workers(holders, close_workers=True)
+        with dask_context.use("crash"):
+            futures = client.map(use_context, range(6, 10), name="crash")
+        wait(futures, timeout=120)
+        for f in futures:
+            with pytest.raises(dask_context.WorkerDiedLoadingError, match="since it last loaded"):
+                f.result()
+        assert dask_context.report(client)["contexts"]["crash"]["deaths"] >= 3
+
+
 def test_a_loader_that_outgrows_the_memory_limit_fails_its_tasks():
     # the nanny terminates the worker (SIGTERM): it must die (and come back), not
     # drain and leave for good
