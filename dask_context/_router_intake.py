@@ -175,10 +175,9 @@ class IntakeMixin(RouterBase):
         mid-load too, several in a row when loads are long, and a loader that works
         is no loader that kills every worker (its tasks rerun, as Dask reruns those
         of a lost worker); while a worker holds the context, its tasks run there.
-        A worker that said
-        it was closing (``client.restart()``, a retirement, a drain) did not die; one
-        its nanny terminates for its memory dies (:mod:`dask_context.preemption`
-        does not drain it).
+        A worker that said it was closing (``client.restart()``, a retirement, a
+        drain) did not die; one its nanny terminates for its memory dies
+        (:mod:`dask_context.preemption` does not drain it).
         """
         closing = address in self._closing
         self._closing.discard(address)
@@ -202,7 +201,7 @@ class IntakeMixin(RouterBase):
                        for o in self.state.workers.values() if o is not w)
             if ctx.dying >= self.death_limit and ctx.waiting and not held:
                 # once the scheduler has handled the removal it is in the middle of
-                self.scheduler.loop.add_callback(self._fail_queued, ctx, ctx.deaths)
+                self.scheduler.loop.add_callback(self._fail_queued, ctx, ctx.dying)
 
     def _event(self, msg: dict[str, Any]) -> None:
         st = self.state
