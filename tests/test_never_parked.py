@@ -36,6 +36,10 @@ def _cluster(n: int = 2) -> LocalCluster:
     )
 
 
+def _count_tasks(dask_scheduler) -> int:
+    return len(dask_scheduler.tasks)
+
+
 def _busy() -> None:
     while True:
         pass
@@ -157,7 +161,16 @@ def test_a_loader_that_kills_the_workers_left_fails_its_tasks_once_its_holder_le
         assert sorted(r[1] for r in client.gather(first)) == list(range(6))
         holders = [a for a, w in dask_context.report(client)["workers"].items() if "crash" in w["resident"]]
         assert len(holders) == 1
+        # no results to move off it (the other worker may be dead): it retires at once
+        del first
+        deadline = time.monotonic() + 30
+        while client.run_on_scheduler(_count_tasks):
+            assert time.monotonic() < deadline, "the results were not released"
+            time.sleep(0.05)
         client.retire_workers(holders, close_workers=True)
+        while holders[0] in client.scheduler_info()["workers"]:
+            assert time.monotonic() < deadline, "the holder was not retired"
+            time.sleep(0.05)
         with dask_context.use("crash"):
             futures = client.map(use_context, range(6, 10), name="crash")
         wait(futures, timeout=120)
