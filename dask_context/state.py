@@ -170,8 +170,9 @@ class ContextRecord:
     unload_seconds: float = 0.0
     unload_buckets: list[int] = field(default_factory=_buckets)
     failures: int = 0
-    #: workers that died while loading it, and those since its last load (see load-deaths)
+    #: workers that died while loading it (see load-deaths)
     deaths: int = 0
+    #: of those, the ones since its last completed load
     dying: int = 0
     tasks: int = 0
     hits: int = 0
