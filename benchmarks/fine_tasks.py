@@ -83,8 +83,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000, help="tasks per arm")
     parser.add_argument("--workers", type=int, default=16, help="in-process workers, 1 thread each")
     parser.add_argument("--seconds", type=float, default=0.001, help="duration of a task")
-    parser.add_argument("--repeat", type=int, default=5,
-                        help="rounds, each on a fresh cluster running both arms, the first alternating")
+    parser.add_argument("--repeat", type=int, default=6,
+                        help="rounds, each on a fresh cluster running both arms, the first alternating "
+                             "(an even number runs each arm first as often)")
     parser.add_argument("--json", action="store_true", help="one JSON object")
     parser.add_argument("--out", type=Path, default=None,
                         help="also write fine_tasks.json and fine_tasks.md into this folder")
