@@ -120,6 +120,21 @@ def fits_resources(ts: TaskState, ws: WorkerState) -> bool:
     return not wanted or all(ws.resources.get(r, 0) >= q for r, q in wanted.items())
 
 
+def resource_request(ts: TaskState) -> tuple[tuple[str, float], ...]:
+    """What ``ts`` asks for with ``resources=``, as a hashable key (empty: nothing)."""
+    return tuple(sorted((ts.resource_restrictions or {}).items()))
+
+
+def workers_with(scheduler: Scheduler, request: Iterable[tuple[str, float]]) -> set[str]:
+    """Workers that have every resource of a non-empty ``request`` in the quantity
+    asked, from the scheduler's index of resources (as Dask's ``valid_workers``)."""
+    fit: set[str] | None = None
+    for resource, needed in request:
+        have = {a for a, q in scheduler.resources.get(resource, {}).items() if q >= needed}
+        fit = have if fit is None else fit & have
+    return fit or set()
+
+
 def send(scheduler: Scheduler, placements: Iterable[tuple[TaskState, str]], stimulus_id: str) -> None:
     """Move parked (``no-worker``) tasks to the given workers.
 

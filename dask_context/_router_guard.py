@@ -64,8 +64,9 @@ class GuardMixin(RouterBase):
         """Act on a context whose queued tasks wait while a worker could serve them.
 
         A context stalls when none of its tasks was sent to a worker for longer than
-        a load plus ``scheduler.stall-margin`` while a running worker that may load
-        it sits idle. The first time, the router's records of the workers are read
+        a load plus ``scheduler.stall-margin`` (or since a worker last joined)
+        while a running worker that may load it, and has the resources some of
+        its queued tasks ask for, sits idle. The first time, the router's records of the workers are read
         again from the workers, missing plugins are installed again and routing is
         re-planned; if it stalls again, its queued tasks go back to Dask's own
         scheduling (they load the context where they land). Both are logged at
@@ -98,10 +99,14 @@ class GuardMixin(RouterBase):
                 self._release(keys)
 
     def _idle_servers(self, ctx: ContextRecord) -> list[str]:
-        """Running workers with a free thread that may load ``ctx``."""
+        """Running workers with a free thread that may load ``ctx`` and have the
+        resources some of its queued tasks ask for."""
+        fitting = self._resource_fits(ctx)
+        fit = None if not fitting or None in fitting else frozenset().union(*fitting)
         return [
             ws.address for ws in _compat.running_workers(self.scheduler)
             if _compat.processing_count(ws) < ws.nthreads
+            and (fit is None or ws.address in fit)
             and (w := self.state.workers.get(ws.address)) is not None
             and not w.draining and ctx.name not in w.failed
         ]

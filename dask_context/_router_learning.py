@@ -63,7 +63,8 @@ class LearningMixin(RouterBase):
         if annotate:
             # the worker reads the annotation: a failed load sends the task back here
             ts.annotations = {**(ts.annotations or {}), "context": name}
-        task = self.state.route(ts.key, name, ts.group.name, ts.prefix.name, ts.priority or ())
+        task = self.state.route(ts.key, name, ts.group.name, ts.prefix.name, ts.priority or (),
+                                _compat.resource_request(ts))
         _compat.park(ts)
         return task
 

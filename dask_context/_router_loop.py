@@ -272,6 +272,7 @@ class RoutingMixin(RouterBase):
             # one while another warm worker idles
             extra = self.prefetch if any(c.waiting > len(c.allowed) for c in usable) else 0
             free = ws.nthreads + extra - _compat.processing_count(ws)
+            unfit = False
             while free > 0 and usable:
                 if len(usable) == 1:
                     c = usable[0]
@@ -280,19 +281,18 @@ class RoutingMixin(RouterBase):
                     if not heads:
                         break
                     c = min(heads)[2]
-                task = st.pop_head(c)
-                if task is None:
+                if (task := st.head(c)) is None:
                     break
                 ts = self.scheduler.tasks[task.key]
                 if not _compat.fits_resources(ts, ws):
-                    st.enqueue(task)
+                    # the head asks for resources it lacks: not marked free, it is
+                    # fed again next tick, when tasks it can run may be at the head
                     usable.remove(c)
+                    unfit = True
                     continue
+                st.pop_head(c)
                 placements.append((ts, address))
                 free -= 1
-            if free > 0:
-                self._free.add(address)
-            else:
-                self._free.discard(address)
+            (self._free.add if free > 0 and not unfit else self._free.discard)(address)
         if placements:
             _compat.send(self.scheduler, placements, f"dask-context-feed-{time.time()}")

@@ -18,7 +18,13 @@ from dask.utils import parse_timedelta
 
 from dask_context import _compat, config
 from dask_context._router_base import RouterBase
-from dask_context.policy import ContextView, Resident, WorkerView, load_failed_everywhere
+from dask_context.policy import (
+    ContextView,
+    Resident,
+    WorkerView,
+    fit_resources,
+    load_failed_everywhere,
+)
 from dask_context.state import ContextRecord, WorkerRecord, underestimate
 
 
@@ -62,16 +68,20 @@ class ViewsMixin(RouterBase):
             # evidence (a warm worker is measuring its tasks' duration now); guesses
             # on both sides (before the first load) are comparable
             measuring = routing and ctx.load_time is not None
+            allowed, unfit = frozenset(ctx.allowed), frozenset()
+            fitting = self._resource_fits(ctx)
+            if fitting:
+                allowed, unfit = fit_resources(fitting, allowed, frozenset(running))
             contexts[c] = ContextView(
                 queued=ctx.waiting,
                 backlog=sum(n * self._duration(p, measuring) for p, n in ctx.by_prefix.items()),
                 load_time=self._load_time(ctx),
                 nbytes=ctx.size(scale),
-                allowed=frozenset(ctx.allowed),
+                allowed=allowed,
                 first=head.priority if head is not None else (),
                 # the workers _can_load refuses, from indexes kept as they change
-                excluded=frozenset(ctx.lacking.union(
-                    ctx.failed_on, draining, running.keys() - ctx.allowed if given_up else ())),
+                excluded=unfit.union(ctx.lacking, ctx.failed_on, draining,
+                                     running.keys() - ctx.allowed if given_up else ()),
                 waited=now - ctx.since if ctx.since is not None else 0.0,
                 measured=ctx.nbytes is not None,
                 failing=bool(ctx.failed_on) and not held,
@@ -93,6 +103,16 @@ class ViewsMixin(RouterBase):
                 unmeasured=frozenset(unmeasured),
             )
         return contexts, workers
+
+    def _resource_fits(self, ctx: ContextRecord) -> list[frozenset[str] | None]:
+        """For each ``resources=`` request among ``ctx``'s queued tasks, the running
+        workers that have those resources (None: tasks that ask for none); empty
+        when no queued task asks for any, the common case, in constant time."""
+        if not ctx.by_resources.keys() - {()}:
+            return []
+        running = {ws.address for ws in _compat.running_workers(self.scheduler)}
+        return [frozenset(_compat.workers_with(self.scheduler, r) & running) if r else None
+                for r in ctx.by_resources]
 
     def _can_load(self, w: WorkerRecord, ctx: ContextRecord) -> bool:
         """The worker has this spec set up, has not failed to load it, is not leaving."""

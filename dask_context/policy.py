@@ -504,6 +504,60 @@ class _Planner:
         return sum(self.contexts[v].load_time for v in victims if v in self.contexts)
 
 
+def fit_resources(
+    fitting: Sequence[frozenset[str] | None], allowed: frozenset[str], workers: frozenset[str]
+) -> tuple[frozenset[str], frozenset[str]]:
+    """What :func:`plan_routes` must see of a context whose queued tasks ask for
+    resources (``resources=``): the workers allowed to serve it, and those excluded.
+
+    ``fitting`` has an entry per distinct request among its queued tasks: the
+    workers that have those resources, or None for tasks that ask for none.
+    Without this, a plan could warm workers none of the tasks can run on.
+
+    While some request fits none of the allowed workers, the plan sees no allowed
+    worker and only the workers that fit that request (the first such), so that
+    its first pass gives the request a worker; the next plan serves the next.
+    Otherwise the workers that fit no queued task are excluded: widening adds only
+    workers that can run them.
+
+    Examples
+    --------
+    Tasks that ask for a GPU, the context warm on a CPU worker only: the plan must
+    give it a GPU worker.
+
+    >>> gpus, cluster = frozenset({"g1", "g2"}), frozenset({"c1", "g1", "g2"})
+    >>> def fit(fitting, allowed):
+    ...     return tuple(sorted(s) for s in fit_resources(fitting, frozenset(allowed), cluster))
+    >>> fit([gpus], {"c1"})
+    ([], ['c1'])
+
+    Served by a GPU worker: the CPU worker stays out of the plan.
+
+    >>> fit([gpus], {"g1"})
+    (['g1'], ['c1'])
+
+    Tasks that ask for nothing beside them: any worker may serve those, once the
+    GPU tasks have a worker.
+
+    >>> fit([gpus, None], {"c1"})
+    ([], ['c1'])
+    >>> fit([gpus, None], {"c1", "g2"})
+    (['c1', 'g2'], [])
+
+    Resources no worker has: no worker is planned; the tasks wait for one that
+    has them, as Dask's own tasks do.
+
+    >>> fit([frozenset()], set())
+    ([], ['c1', 'g1', 'g2'])
+    """
+    for fit in fitting:
+        if fit is not None and not fit & allowed:
+            return frozenset(), workers - fit
+    if None in fitting:
+        return allowed, frozenset()
+    return allowed, workers - frozenset().union(*fitting)
+
+
 def load_failed_everywhere(
     failed: Collection[str], running: Collection[str], serving: bool, limit: int
 ) -> bool:

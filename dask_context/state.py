@@ -74,6 +74,9 @@ class RoutedTask:
     seq: int | None = None
     #: seconds it spent loading the context (it found it cold), else None
     load_seconds: float | None = None
+    #: what it asks for with ``resources=`` (empty: nothing), as a key of
+    #: :attr:`ContextRecord.by_resources`
+    resources: tuple = ()
 
 
 @dataclass(eq=False)
@@ -146,6 +149,8 @@ class ContextRecord:
     stalls: int = 0
     #: waiting tasks per task prefix (their durations are estimated per prefix)
     by_prefix: Counter[str] = field(default_factory=Counter)
+    #: waiting tasks per ``resources=`` request (the empty request included)
+    by_resources: Counter[tuple] = field(default_factory=Counter)
     allowed: set[str] = field(default_factory=set)
     #: workers without this spec set up (another token, or none): they cannot serve it
     lacking: set[str] = field(default_factory=set)
@@ -224,7 +229,8 @@ class RouterState:
         if old is not None:
             # a new spec under the same name: warm copies are of the old one and
             # the workers' plugins are being replaced; queued tasks carry over
-            ctx.queue, ctx.waiting, ctx.by_prefix = old.queue, old.waiting, old.by_prefix
+            ctx.queue, ctx.waiting, ctx.by_prefix, ctx.by_resources = (
+                old.queue, old.waiting, old.by_prefix, old.by_resources)
         ctx.lacking = {a for a, w in self.workers.items() if w.specs.get(ctx.name) != ctx.token}
         self.contexts[ctx.name] = ctx
         self.failing.discard(ctx.name)
@@ -251,8 +257,13 @@ class RouterState:
         w = self.workers.get(address)
         if w is None:
             w = self.workers[address] = WorkerRecord(address, nthreads)
+            now = time.monotonic()
             for ctx in self.contexts.values():
                 ctx.lacking.add(address)
+                if ctx.waiting:
+                    # the stall guard's clock starts again: waiting for a worker
+                    # that can serve it (one with the resources asked) is no stall
+                    ctx.progress = max(ctx.progress, now)
         return w
 
     def set_specs(self, w: WorkerRecord, specs: dict[str, str]) -> None:
@@ -305,8 +316,9 @@ class RouterState:
                 self.failing.discard(name)
 
     # ------------------------------------------------------------ tasks
-    def route(self, key: Hashable, context: str, group: str, prefix: str, priority: tuple) -> RoutedTask:
-        task = self.tasks[key] = RoutedTask(key, context, group, prefix, priority)
+    def route(self, key: Hashable, context: str, group: str, prefix: str, priority: tuple,
+              resources: tuple = ()) -> RoutedTask:
+        task = self.tasks[key] = RoutedTask(key, context, group, prefix, priority, resources=resources)
         return task
 
     def enqueue(self, task: RoutedTask) -> None:
@@ -321,6 +333,7 @@ class RouterState:
             self.queued.add(ctx.name)
         ctx.waiting += 1
         ctx.by_prefix[task.prefix] += 1
+        ctx.by_resources[task.resources] += 1
         if task.sent:
             ctx.requeued += 1
 
@@ -333,9 +346,10 @@ class RouterState:
         if ctx is None:
             return
         ctx.waiting -= 1
-        ctx.by_prefix[task.prefix] -= 1
-        if not ctx.by_prefix[task.prefix]:
-            del ctx.by_prefix[task.prefix]
+        for counts, kind in ((ctx.by_prefix, task.prefix), (ctx.by_resources, task.resources)):
+            counts[kind] -= 1
+            if not counts[kind]:
+                del counts[kind]
         if not ctx.waiting:
             ctx.queue.clear()
             ctx.since = None

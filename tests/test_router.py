@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dask
 import dask.bag as db
@@ -41,6 +43,24 @@ async def report(c):
 def identity(x):
     dc.get_context("A")
     return x
+
+
+@contextmanager
+def router_log() -> Iterator[list[logging.LogRecord]]:
+    """The records the router logs while the block runs."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("dask_context.scheduler")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def errors(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if r.levelno >= logging.ERROR]
 
 
 # ---------------------------------------------------------------- 1. never stranded
@@ -102,21 +122,59 @@ async def test_an_error_in_a_transition_hook_hands_that_task_back(c, s, a):
 @gen_cluster(client=True, nthreads=ONE)
 async def test_errors_in_router_hooks_are_logged_at_error(c, s, a):
     await dc.register(c, spec("A"))
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("dask_context.scheduler").addHandler(handler)
     original = dask_context._router_loop.plan_routes
     dask_context._router_loop.plan_routes = lambda *a, **k: 1 / 0
     try:
-        with dc.use("A"):
+        with router_log() as records, dc.use("A"):
             assert await c.submit(identity, 1) == 1
     finally:
         dask_context._router_loop.plan_routes = original
-        logging.getLogger("dask_context.scheduler").removeHandler(handler)
-    errors = [r for r in records if r.levelno == logging.ERROR]
-    assert errors and "go back to Dask's own scheduling" in errors[0].getMessage()
-    assert errors[0].exc_info[0] is ZeroDivisionError
+    logged = [r for r in records if r.levelno == logging.ERROR]
+    assert logged and "go back to Dask's own scheduling" in logged[0].getMessage()
+    assert logged[0].exc_info[0] is ZeroDivisionError
+
+
+# ---------------------------------------------------------------- resources
+CPU_AND_GPU = [("127.0.0.1", 1, {"resources": {"CPU": 1}}), ("127.0.0.1", 1, {"resources": {"GPU": 1}})]
+
+
+@gen_cluster(client=True, nthreads=CPU_AND_GPU)
+async def test_tasks_that_ask_for_resources_go_to_workers_that_have_them(c, s, cpu, gpu):
+    await dc.register(c, spec("A", seconds=0.2))
+    with router_log() as records:
+        with dc.use("A"):
+            first = await c.gather(c.map(where, range(4), name="A", resources={"CPU": 1}))
+        assert {w for _, w in first} == {cpu.address}
+        # warm on the CPU worker only: tasks that ask for a GPU need the other one,
+        # beside tasks that ask for nothing (before, they waited for the stall guard)
+        with dc.use("A"):
+            gpu_tasks = c.map(where, range(10), name="A", resources={"GPU": 1}, pure=False)
+            any_tasks = c.map(where, range(10, 20), name="A", pure=False)
+        done = await asyncio.wait_for(c.gather(gpu_tasks + any_tasks), timeout=10)
+    assert [x for x, _ in done] == list(range(20))
+    assert {w for _, w in done[:10]} == {gpu.address}
+    assert not errors(records)
+    r = (await report(c))["contexts"]["A"]
+    assert r["tasks"] == 24 and r["loads"] == 2, r
+
+
+@gen_cluster(client=True, nthreads=ONE, config={"dask-context.scheduler.stall-margin": "0.5s"})
+async def test_tasks_that_ask_for_resources_no_worker_has_wait_for_one(c, s, a):
+    await dc.register(c, spec("A", seconds=0.1, load_time=0.1))
+    with router_log() as records:
+        with dc.use("A"):
+            futures = c.map(where, range(5), name="A", resources={"GPU": 1}, pure=False)
+        await async_poll_for(lambda: router(s).state.contexts["A"].waiting == 5, timeout=5)
+        # waiting is right here (as for Dask's own tasks): nothing may happen for
+        # several times the stall guard's delay (load time + margin) while the
+        # worker that could load the context idles without the resources
+        await asyncio.sleep(1.5)
+        assert router(s).state.contexts["A"].waiting == 5
+        assert all(s.tasks[f.key].state == "no-worker" for f in futures)
+        async with Worker(s.address, nthreads=1, resources={"GPU": 1}) as gpu:
+            done = await asyncio.wait_for(c.gather(futures), timeout=10)
+    assert {w for _, w in done} == {gpu.address}
+    assert not errors(records)
 
 
 # ---------------------------------------------------------------- 2. one bad node
