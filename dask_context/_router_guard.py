@@ -39,6 +39,37 @@ class GuardMixin(RouterBase):
         self.failed_limit = int(config.get("scheduler.failed-load-workers"))
         self.death_limit = int(config.get("scheduler.load-deaths"))
         self.stall_margin = config.get_seconds("scheduler.stall-margin")
+        # seen among the scheduler's plugins: once removed, it hands everything back
+        self._installed = False
+
+    def _still_installed(self) -> bool:
+        """Whether this router is still one of the scheduler's plugins.
+
+        ``unregister_scheduler_plugin`` (or another plugin registered under its
+        name) removes it without closing it: its hooks stop, and the tasks it
+        parked, or sent to a worker with a restriction to that worker, would wait
+        forever. Removed, it gives every one of them back to Dask's own scheduling
+        and closes.
+        """
+        if any(p is self for p in self.scheduler.plugins.values()):
+            self._installed = True
+            return True
+        if not self._installed and not self.state.tasks:
+            # starting (register_scheduler_plugin adds it after start), or removed
+            # before its first tick without routing anything: nothing to give back
+            return True
+        tasks = [ts for key in self.state.tasks if (ts := self.scheduler.tasks.get(key)) is not None]
+        parked = [ts for ts in tasks if _compat.is_parked(ts)]
+        for ts in tasks:
+            _compat.unpark(ts)
+        logger.warning(
+            "The router was removed from the scheduler: the %d task(s) it routed (%d "
+            "waiting) go back to Dask's own scheduling", len(tasks), len(parked),
+        )
+        self.state.tasks.clear()
+        self._later(_compat.reschedule, parked)
+        self.scheduler.loop.add_callback(self.close)
+        return False
 
     def _fail_hopeless(self) -> None:
         """Fail the queued tasks of contexts whose load failed everywhere it was tried."""

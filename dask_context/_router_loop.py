@@ -87,6 +87,8 @@ class RoutingMixin(RouterBase):
             self.scheduler.loop.call_later(self.settle, self.wake, True)
 
     def _periodic(self) -> None:
+        if not self._still_installed():
+            return
         self._ticks += 1
         now = time.monotonic()
         self.state.expire_failures(now, self.retry)

@@ -156,9 +156,9 @@ class ContextRouter(
                 "dask_context_file_source": self.file_source,
             }
         )
-        pc = PeriodicCallback(self._periodic, self.interval * 1000)
-        scheduler.periodic_callbacks["dask-context"] = pc
-        pc.start()
+        self._pc = PeriodicCallback(self._periodic, self.interval * 1000)
+        scheduler.periodic_callbacks["dask-context"] = self._pc
+        self._pc.start()
         # the scale-in filter (with its handlers), the metrics collector and the
         # dashboard page: they read this router through dask_context._observers
         self.observers = _setup.install(scheduler, self)
@@ -170,10 +170,12 @@ class ContextRouter(
     async def close(self) -> None:
         if self.scheduler is None:
             return
-        self.scheduler.set_metadata(ROUTER_METADATA, False)
-        pc = self.scheduler.periodic_callbacks.pop("dask-context", None)
-        if pc is not None:
-            pc.stop()
+        # a router that replaced this one keeps its own callback and workers' trust
+        if not any(isinstance(p, ContextRouter) for p in self.scheduler.plugins.values() if p is not self):
+            self.scheduler.set_metadata(ROUTER_METADATA, False)
+        if self.scheduler.periodic_callbacks.get("dask-context") is self._pc:
+            del self.scheduler.periodic_callbacks["dask-context"]
+        self._pc.stop()
         for task in self._background:
             task.cancel()
         self.observers.close()

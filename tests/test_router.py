@@ -20,7 +20,8 @@ from distributed.utils_test import async_poll_for, gen_cluster
 
 import dask_context as dc
 import dask_context._router_loop
-from dask_context import ContextSpec
+from dask_context import ContextRouter, ContextSpec
+from dask_context._protocol import ROUTER_METADATA
 from dask_context.state import RouterState
 from tests.loaders import always_fails, blob, fails_first_time, fails_on, fails_slowly_on, where
 
@@ -132,6 +133,57 @@ async def test_errors_in_router_hooks_are_logged_at_error(c, s, a):
     logged = [r for r in records if r.levelno == logging.ERROR]
     assert logged and "go back to Dask's own scheduling" in logged[0].getMessage()
     assert logged[0].exc_info[0] is ZeroDivisionError
+
+
+async def park_some(c, s):
+    """Tasks of "A" in memory (restricted to the workers they ran on when placed)
+    and tasks of "B" parked while B loads (2 s)."""
+    await dc.register(c, spec("A"), spec("B", seconds=2.0))
+    with dc.use("A"):
+        held = c.map(where, range(4), name="A", pure=False)
+    await wait(held)
+    with dc.use("B"):
+        parked = c.map(where, range(20), name="B", pure=False)
+    await async_poll_for(lambda: router(s).state.contexts["B"].waiting == 20, timeout=5)
+    return held, parked
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
+async def test_a_router_removed_from_the_scheduler_gives_every_task_back(c, s, a, b):
+    held, parked = await park_some(c, s)
+    old = router(s)
+    with router_log() as records:
+        # distributed removes a plugin without closing it: its hooks stop
+        await c.unregister_scheduler_plugin("dask-context")
+        assert len(await asyncio.wait_for(c.gather(parked), timeout=20)) == 20
+        # results lost with their worker are recomputed elsewhere, not pinned to it
+        holder = next(iter(s.tasks[held[0].key].who_has)).address
+        await (a if a.address == holder else b).close()
+        assert [x for x, _ in await asyncio.wait_for(c.gather(held), timeout=20)] == list(range(4))
+    assert any("removed from the scheduler" in r.getMessage() for r in records)
+    assert not any(ts.worker_restrictions for ts in s.tasks.values())
+    assert s.get_metadata(ROUTER_METADATA) is False
+    assert "dask-context" not in s.periodic_callbacks and not old._pc.is_running()
+
+
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2)
+async def test_a_router_replaced_by_another_leaves_it_in_charge(c, s, a, b):
+    _, parked = await park_some(c, s)
+    old = router(s)
+    replacement = ContextRouter()
+    replacement.idempotent = False  # distributed replaces a plugin of the same name
+    with pytest.warns(UserWarning, match="already contains a plugin"):
+        await c.register_plugin(replacement, name="dask-context")
+    new = router(s)
+    assert new is not old
+    assert len(await asyncio.wait_for(c.gather(parked), timeout=20)) == 20
+    await async_poll_for(lambda: not old._pc.is_running(), timeout=5)
+    assert s.periodic_callbacks["dask-context"] is new._pc and new._pc.is_running()
+    assert s.get_metadata(ROUTER_METADATA) is True
+    await dc.register(c, spec("A"))
+    with dc.use("A"):
+        assert len(await c.gather(c.map(where, range(10), name="A", pure=False))) == 10
+    assert (await report(c))["contexts"]["A"]["tasks"] == 10
 
 
 # ---------------------------------------------------------------- resources
