@@ -97,11 +97,12 @@ class GuardMixin(RouterBase):
         A context stalls when none of its tasks was sent to a worker for longer than
         a load plus ``scheduler.stall-margin`` (or since a worker last joined)
         while a running worker that may load it, and has the resources some of
-        its queued tasks ask for, sits idle. The first time, the router's records of the workers are read
-        again from the workers, missing plugins are installed again and routing is
-        re-planned; if it stalls again, its queued tasks go back to Dask's own
-        scheduling (they load the context where they land). Both are logged at
-        ERROR: a stall is a bug of the router, never a state to wait in.
+        its queued tasks ask for, sits idle. The first time, the router's records
+        of the workers are read again from the workers, missing plugins are
+        installed again and routing is re-planned; if it stalls again, its queued
+        tasks go back to Dask's own scheduling (they load the context where they
+        land). Both are logged at ERROR: a stall is a bug of the router, never a
+        state to wait in.
         """
         for ctx in self.state.contexts.values():
             if not ctx.waiting:
