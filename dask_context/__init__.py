@@ -13,6 +13,7 @@ from dask_context.api import delayed, register, report, unregister, use
 from dask_context.cache import ContextCache as ContextCache  # importable, not API
 from dask_context.deploy import dask_setup as dask_setup  # --preload looks it up
 from dask_context.errors import (
+    ContextCycleError,
     ContextError,
     ContextTooLargeError,
     DuplicateContextError,
@@ -45,6 +46,7 @@ if multiprocessing.current_process().name == "MainProcess":
 # are not API; see docs/design.md for which modules are.
 __all__ = [
     "ContextAdaptive",
+    "ContextCycleError",
     "ContextError",
     "ContextPlugin",
     "ContextRouter",

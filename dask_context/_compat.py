@@ -237,17 +237,25 @@ def running_workers(scheduler: Scheduler) -> list[WorkerState]:
 
 
 def free_workers(scheduler: Scheduler) -> list[WorkerState]:
-    """Running workers with fewer tasks than threads.
+    """Running workers with a free thread.
 
-    Read from the scheduler's ``idle`` index (kept by ``check_idle_saturated`` on
-    every processing and status change, and a superset of these), so that finding
-    them does not scan every worker of the cluster.
+    Read from the scheduler's indices kept by ``check_idle_saturated`` on every
+    processing and status change, so that finding them does not scan every worker
+    of a large cluster: ``idle``, and ``idle_task_count`` (workers below the
+    worker-saturation slot count, which discounts seceded tasks as ``idle`` does not:
+    a worker whose only task seceded has no occupancy left, nor is it idle).
     """
-    return [ws for ws in scheduler.idle.values() if len(ws.processing) < ws.nthreads]
+    found = {ws.address: ws for ws in scheduler.idle.values()}
+    found.update((ws.address, ws) for ws in scheduler.idle_task_count)
+    return [ws for ws in found.values() if threads_in_use(ws) < ws.nthreads]
 
 
-def processing_count(ws: WorkerState) -> int:
-    return len(ws.processing)
+def threads_in_use(ws: WorkerState) -> int:
+    """Tasks occupying a thread of the worker: those processing there, less those
+    that seceded (``worker_client``, ``secede``), which left their thread to wait on
+    tasks they submitted, as Dask's own slot count does; counting them would leave
+    those tasks waiting on a thread that is free."""
+    return len(ws.processing) - len(ws.long_running)
 
 
 def compute_seconds(startstops: Any) -> float | None:

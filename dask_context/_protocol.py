@@ -14,6 +14,16 @@ ROUTER_METADATA = ["dask-context", "router"]
 #: name of the router's scheduler plugin (``Scheduler.plugins[ROUTER_NAME]``)
 ROUTER_NAME = "dask-context"
 
+
+def plugin_name(context: str) -> str:
+    """Name of the worker plugin of ``context`` (``Scheduler.worker_plugins`` key).
+
+    >>> plugin_name("verifier")
+    'dask-context-verifier'
+    """
+    return f"dask-context-{context}"
+
+
 #: topic of the warnings the router has for users; register() shows them on the client
 WARNINGS = "dask-context-warnings"
 

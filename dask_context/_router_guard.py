@@ -137,7 +137,7 @@ class GuardMixin(RouterBase):
         fit = None if not fitting or None in fitting else frozenset().union(*fitting)
         return [
             ws.address for ws in _compat.running_workers(self.scheduler)
-            if _compat.processing_count(ws) < ws.nthreads
+            if _compat.threads_in_use(ws) < ws.nthreads
             and (fit is None or ws.address in fit)
             and (w := self.state.workers.get(ws.address)) is not None
             and not w.draining and ctx.name not in w.failed

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from dask_context import _compat, config
+from dask_context._protocol import plugin_name
 from dask_context._router_base import RouterBase, logger
 from dask_context.errors import UnknownContextError, error_payload
 from dask_context.spec import differences
@@ -257,7 +258,7 @@ class HandlersMixin(RouterBase):
             for ctx in list(self.state.contexts.values()):
                 if w.specs.get(ctx.name) == ctx.token:
                     continue
-                sent = _compat.reinstall_plugin(self.scheduler, ws.address, f"dask-context-{ctx.name}")
+                sent = _compat.reinstall_plugin(self.scheduler, ws.address, plugin_name(ctx.name))
                 if sent is not None:
                     logger.error(
                         "Worker %s lacks the current spec of context %r: installing its "

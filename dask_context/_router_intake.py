@@ -18,7 +18,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from dask_context import _compat, graph
-from dask_context._protocol import TOPIC
+from dask_context._protocol import TOPIC, plugin_name
 from dask_context._router_base import RouterBase, logger
 from dask_context.errors import WorkerDiedLoadingError, error_payload
 from dask_context.state import RoutedTask, WorkerRecord, observe
@@ -218,6 +218,13 @@ class IntakeMixin(RouterBase):
         ctx = st.contexts.get(name)
         if ctx is None:
             self.wake(replan=True)
+            return
+        if action == "removed" and plugin_name(name) not in self.scheduler.worker_plugins:
+            # its worker plugin was unregistered by hand (client.unregister_worker_plugin):
+            # no worker will load it again, so it is unregistered here too, and its
+            # queued tasks fail now, as with dask_context.unregister
+            logger.warning("The worker plugin of context %r was removed: unregistering it", name)
+            self.unregister([name])
             return
         if action == "loaded":
             if msg.get("from") == "host":

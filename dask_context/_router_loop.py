@@ -154,7 +154,7 @@ class RoutingMixin(RouterBase):
         st = self.state
         for ws in free:
             w = st.workers.get(ws.address)
-            if w is None or w.draining or _compat.processing_count(ws):
+            if w is None or w.draining or _compat.threads_in_use(ws):
                 continue
             if not any(c in st.queued and ws.address in st.contexts[c].allowed
                        for c in (*w.resident, *w.loading, *w.chosen)):
@@ -273,7 +273,7 @@ class RoutingMixin(RouterBase):
             # contexts: at the tail, a prefetched task would wait behind a running
             # one while another warm worker idles
             extra = self.prefetch if any(c.waiting > len(c.allowed) for c in usable) else 0
-            free = ws.nthreads + extra - _compat.processing_count(ws)
+            free = ws.nthreads + extra - _compat.threads_in_use(ws)
             unfit = False
             while free > 0 and usable:
                 if len(usable) == 1:

@@ -98,7 +98,7 @@ class ViewsMixin(RouterBase):
             workers[a] = WorkerView(
                 budget=math.inf if w.budget is None else w.budget,
                 resident=held,
-                inflight=_compat.processing_count(running[a]),
+                inflight=_compat.threads_in_use(running[a]),
                 busy=frozenset(w.tasks),
                 unmeasured=frozenset(unmeasured),
             )

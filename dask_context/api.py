@@ -19,6 +19,7 @@ from dask.utils import format_bytes, format_time
 from distributed import Client
 
 from dask_context import config, graph, preemption
+from dask_context._protocol import plugin_name
 from dask_context.errors import DuplicateContextError, UnknownContextError
 from dask_context.scheduler import WARNINGS, ContextRouter
 from dask_context.spec import ContextSpec, check_unique
@@ -109,7 +110,7 @@ async def _unregister(client: Client, names: tuple[str, ...]) -> list[str]:
     left = await client.scheduler.dask_context_unregister(names=list(names))
     for name in names:
         try:
-            await client.unregister_worker_plugin(f"dask-context-{name}")
+            await client.unregister_worker_plugin(plugin_name(name))
         except OSError:
             # a worker died during the broadcast; the scheduler has dropped the
             # plugin already, so no worker (nor any replacement) sets it up again

@@ -29,7 +29,7 @@ import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from dask.sizeof import sizeof
 from dask.utils import format_bytes
 
 from dask_context import _compat
-from dask_context.errors import ContextTooLargeError, UnknownContextError
+from dask_context.errors import ContextCycleError, ContextTooLargeError, UnknownContextError
 from dask_context.policy import Resident, choose_victims, resolve_device
 from dask_context.spec import ContextSpec
 from dask_context.state import underestimate
@@ -178,7 +178,11 @@ class ContextCache:
         # load whose size was never measured here runs alone (see _admit)
         self._admitted = threading.Condition(self._lock)
         self._inflight: dict[str, int] = {}
-        self._alone = False
+        self._turns: dict[str, int] = {}
+        self._alone: str | None = None
+        # per thread, the contexts whose loads it is inside, outermost first: a
+        # loader may ask for other contexts (a model's loader for its tokenizer's)
+        self._within = threading.local()
         # the host tier: copies of evicted contexts, the bytes reserved by copies
         # under way, and an event per context being copied to the host right now
         self._host: dict[str, HostCopy] = {}
@@ -238,21 +242,38 @@ class ContextCache:
         entry = self._touch(name, key)
         if entry is not None:
             return entry.obj
-        with self._load_locks[name]:
+        within: list[str] = self._within.__dict__.setdefault("names", [])
+        if name in within:
+            raise ContextCycleError(
+                f"loading context {within[0]!r} asks for context {name!r}, whose load "
+                f"is under way in this thread ({' -> '.join([*within, name])}): a "
+                "context's loader cannot use it, directly or through other loaders"
+            )
+        within.append(name)
+        try:
             while True:
-                # another thread may have loaded it while this one waited
-                entry = self._touch(name, key)
-                if entry is not None:
-                    return entry.obj
-                self._check_known(name)
-                self._raise_recent_failure(name)
-                self._wait_for_demotion(name)
-                with self._lock:
-                    spec, generation = self._specs[name], self._generation[name]
-                entry = self._promote(spec, key, generation)
-                if entry is not None:
-                    return entry.obj
+                # the turn is taken before the name's lock, so that a thread waiting
+                # for its turn holds nothing that the load under way may need
+                with self._turn(name) as estimate, self._load_locks[name]:
+                    # another thread may have loaded it while this one waited
+                    entry = self._touch(name, key)
+                    if entry is not None:
+                        return entry.obj
+                    self._check_known(name)
+                    self._raise_recent_failure(name)
+                    self._wait_for_demotion(name)
+                    with self._lock:
+                        spec, generation = self._specs[name], self._generation[name]
+                    entry = self._promote(spec, key, generation, estimate)
+                    if entry is not None:
+                        return entry.obj
                 # the spec was replaced or removed while it loaded: load the new one
+        finally:
+            within.pop()
+
+    def within_load(self) -> bool:
+        """Whether the calling thread runs a loader (which may ask for other contexts)."""
+        return bool(self._within.__dict__.get("names"))
 
     def load_in_background(self, name: str) -> threading.Thread:
         """Start loading ``name`` in a daemon thread (eager contexts, warm-ups asked
@@ -306,30 +327,25 @@ class ContextCache:
         del self._failures[name]
 
     # ------------------------------------------------------------------ load
-    def _load(self, spec: ContextSpec, key: Hashable | None, generation: int) -> Entry | None:
-        name = spec.name
-        estimate = self._admit(name, spec)
-        try:
-            return self._load_admitted(spec, key, generation, estimate)
-        finally:
-            with self._admitted:
-                del self._inflight[name]
-                self._alone = False
-                self._admitted.notify_all()
-
-    def _admit(self, name: str, spec: ContextSpec) -> int:
-        """Wait for this load's turn; return the bytes it is expected to take.
+    @contextlib.contextmanager
+    def _turn(self, name: str) -> Iterator[int]:
+        """Wait for the turn of a load of ``name``; give the bytes it is expected to
+        take, counted as taken until the block ends.
 
         A context never measured on this worker loads alone: its estimate may be
         far too small, and two such loads at once could together overrun the
         budget before either is measured (and two first imports of a library in
         two threads can break each other). Measured ones load side by side, each
-        counted at its measured size while it loads.
+        counted at its measured size while it loads. A load that a loader asks for
+        is part of the load under way in its thread: it takes its turn at once.
         """
-        measured = name in self._measured
+        nested = len(self._within.names) > 1
         with self._admitted:
-            while self._alone or (not measured and self._inflight):
+            self._check_known(name)
+            measured = name in self._measured
+            while not nested and (self._alone or (not measured and self._inflight)):
                 self._admitted.wait()
+                self._check_known(name)
             # the size measured here last time, else the spec's estimate, scaled up by
             # as much as the other specs' estimates fell short here
             estimate = self._measured.get(name)
@@ -337,12 +353,23 @@ class ContextCache:
                 scale = underestimate(
                     (s.memory, self._measured.get(n)) for n, s in self._specs.items()
                 )
-                estimate = int((spec.memory or 0) * scale)
+                estimate = int((self._specs[name].memory or 0) * scale)
             self._inflight[name] = estimate
-            self._alone = not measured
-        return estimate
+            self._turns[name] = self._turns.get(name, 0) + 1
+            if not measured and not nested:
+                self._alone = name
+        try:
+            yield estimate
+        finally:
+            with self._admitted:
+                self._turns[name] -= 1
+                if not self._turns[name]:
+                    del self._turns[name], self._inflight[name]
+                if self._alone == name:
+                    self._alone = None
+                self._admitted.notify_all()
 
-    def _load_admitted(
+    def _load(
         self, spec: ContextSpec, key: Hashable | None, generation: int, estimate: int
     ) -> Entry | None:
         name = spec.name
@@ -378,13 +405,15 @@ class ContextCache:
         self._loaded(name, entry, key, "storage")
         return entry
 
-    def _promote(self, spec: ContextSpec, key: Hashable | None, generation: int) -> Entry | None:
+    def _promote(
+        self, spec: ContextSpec, key: Hashable | None, generation: int, estimate: int
+    ) -> Entry | None:
         """Bring ``spec``'s context back from the host tier, or load it when it has no host copy."""
         name = spec.name
         with self._lock:
             copy = self._host.pop(name, None)
         if copy is None:
-            return self._load(spec, key, generation)
+            return self._load(spec, key, generation, estimate)
         self._make_room(name, copy.nbytes)
         self._start_loading(name, key, "host")
         start = time.perf_counter()

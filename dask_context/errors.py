@@ -33,6 +33,11 @@ class ContextTooLargeError(ContextError, ValueError):
     """A context does not fit in a worker's memory budget even when it is alone."""
 
 
+class ContextCycleError(ContextError, RuntimeError):
+    """A context's loader asks for a context whose load it is part of (itself, or a
+    context whose loader asks for it)."""
+
+
 class NotRegisteredError(ContextError, RuntimeError):
     """``get_context`` ran on a worker where dask-context was never set up."""
 

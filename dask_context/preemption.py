@@ -59,8 +59,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: name of both plugins (worker and nanny plugins are kept apart by the scheduler)
-PLUGIN_NAME = "dask-context-preemption"
+#: name of both plugins (worker and nanny plugins are kept apart by the scheduler);
+#: not of the form of a context's plugin name (``dask-context-<context>``), so that
+#: no context, whatever its name, replaces them or is replaced by them
+PLUGIN_NAME = "dask-context:preemption"
 #: worker handler that starts a drain (what :func:`drain` calls)
 DRAIN_HANDLER = "dask_context_request_drain"
 #: topic of the events a draining worker logs (``client.get_events(TOPIC)``)

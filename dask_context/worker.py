@@ -25,7 +25,7 @@ from distributed.core import Status
 from distributed.utils import key_split_group
 
 from dask_context import _compat, config, devices
-from dask_context._protocol import ROUTER_METADATA, TOPIC, UNROUTED
+from dask_context._protocol import ROUTER_METADATA, TOPIC, UNROUTED, plugin_name
 from dask_context.cache import ContextCache, plain_key
 from dask_context.errors import NotRegisteredError, UnknownContextError, error_payload
 from dask_context.spec import ContextSpec
@@ -63,7 +63,7 @@ class ContextPlugin(WorkerPlugin):
         if not isinstance(spec, ContextSpec):
             raise TypeError(f"ContextPlugin takes a ContextSpec, got {spec!r}")
         self.spec = spec
-        self.name = f"dask-context-{spec.name}"
+        self.name = plugin_name(spec.name)
         self.idempotent = idempotent
 
     async def setup(self, worker: Worker) -> None:
@@ -134,7 +134,7 @@ class WorkerContexts(WorkerPlugin):
     async def remove(self, name: str) -> None:
         await asyncio.to_thread(self.cache.remove, name)
         await self.stager.discard(name)
-        self.emit({"action": "specs"})
+        self.emit({"action": "removed", "context": name})
 
     async def announce(self) -> None:
         """Tell the router (if there is one) what this worker holds and can load."""
@@ -196,7 +196,8 @@ class WorkerContexts(WorkerPlugin):
     # ------------------------------------------------------------ tasks
     def get(self, name: str) -> Any:
         """:func:`get_context` on this worker."""
-        key = _compat.current_key()
+        # a loader asking for another context is part of a load, not the task's use
+        key = None if self.cache.within_load() else _compat.current_key()
         wanted = None
         if key is not None:
             annotations = _compat.task_annotations(self.worker, key)

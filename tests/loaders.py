@@ -133,3 +133,26 @@ def verdict_columns(part: Any, context: str = "verifier") -> Any:
 def tag_with_context(value: int, name: str) -> str:
     """Row task (``Series.apply``): the value, tagged with context ``name``'s name."""
     return f"{dask_context.get_context(name)['name']}:{value}"
+
+
+def fan_out(x: int, name: str, how: str) -> list:
+    """Context task that submits context tasks from inside and waits for them,
+    leaving its thread (``worker_client``, or ``secede`` and ``rejoin``)."""
+    from distributed import get_client, rejoin, secede, worker_client
+
+    dask_context.get_context(name)
+    if how == "worker_client":
+        with worker_client() as client, dask_context.use(name):
+            return [r[1] for r in client.gather(client.map(use_context, [x, x + 1], name=name))]
+    client = get_client()
+    with dask_context.use(name):
+        futures = client.map(use_context, [x, x + 1], name=name)
+    secede()
+    out = [r[1] for r in client.gather(futures)]
+    rejoin()
+    return out
+
+
+def built_on(name: str, other: str) -> dict:
+    """A context whose loader uses context ``other`` (a model and its tokenizer)."""
+    return {**blob(name), "built on": dask_context.get_context(other)["name"]}

@@ -1,3 +1,4 @@
+import sys
 import threading
 import time
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 from dask.sizeof import sizeof
 
-from dask_context import ContextSpec, ContextTooLargeError, UnknownContextError
+from dask_context import ContextCycleError, ContextSpec, ContextTooLargeError, UnknownContextError
 from dask_context.cache import ContextCache
 from dask_context.tiers import place
 from tests.loaders import blob, broken
@@ -165,6 +166,70 @@ def test_replacing_and_removing_specs_frees_memory():
     assert cache.get("r")["name"] == "v2"
     cache.remove("r")
     assert cache.names() == [] and cache.resident_bytes() == {}
+
+
+def waiting(thread, deadline=10.0):
+    """Poll until ``thread`` blocks waiting (a lock or a condition) or ends."""
+    end = time.monotonic() + deadline
+    while thread.is_alive() and time.monotonic() < end:
+        frame = sys._current_frames().get(thread.ident)
+        if frame is not None and frame.f_code.co_name == "wait":
+            return
+        time.sleep(0.01)
+
+
+#: the cache the loaders below ask for other contexts (as get_context does on a worker)
+CACHES: dict[str, ContextCache] = {}
+
+
+def uses(other, then=None):
+    """Loader: the context ``other``, asked for from inside this load, once ``then``
+    (an event's name) is set."""
+    if then is not None:
+        EVENTS[then].wait()
+    return {"name": "user", "of": CACHES["cache"].get(other)["name"]}
+
+
+EVENTS: dict[str, threading.Event] = {}
+
+
+def test_a_loader_uses_another_context_while_a_thread_waits_for_that_one():
+    # a model's loader asks for its tokenizer while a task's thread waits for the
+    # tokenizer's turn, behind the model's first load (which loads alone)
+    cache, events = make_cache()
+    CACHES["cache"], EVENTS["asks"] = cache, threading.Event()
+    cache.add(ContextSpec("tok", blob, args=["tok"]))
+    cache.add(ContextSpec("model", uses, args=["tok", "asks"]))
+    got = {}
+    loading = threading.Thread(target=lambda: got.update(model=cache.get("model")))
+    loading.start()
+    while "model" not in cache.loading():
+        time.sleep(0.01)
+    waiter = threading.Thread(target=lambda: got.update(tok=cache.get("tok")))
+    waiter.start()
+    waiting(waiter)
+    EVENTS["asks"].set()
+    loading.join(10)
+    waiter.join(10)
+    assert not loading.is_alive() and not waiter.is_alive()
+    assert got["model"]["of"] == "tok" and got["tok"]["name"] == "tok"
+    assert sorted(actions(events, "loaded")) == ["model", "tok"]
+
+
+def test_loaders_that_use_each_other_are_a_clear_error():
+    cache, _ = make_cache()
+    CACHES["cache"] = cache
+    cache.add(ContextSpec("a", uses, args=["b"]))
+    cache.add(ContextSpec("b", uses, args=["a"]))
+    cache.add(ContextSpec("self", uses, args=["self"]))
+    with pytest.raises(ContextCycleError, match=r"'a' asks for context 'a'.*a -> b -> a"):
+        cache.get("a")
+    with pytest.raises(ContextCycleError, match=r"\(self -> self\)"):
+        cache.get("self")
+    # nothing is left taken: the next context loads at once
+    cache.add(ContextSpec("c", blob, args=["c"]))
+    assert cache.get("c")["name"] == "c"
+    assert cache.loading() == []
 
 
 # ---------------------------------------------------------------- host tier, on CPUs

@@ -3,6 +3,10 @@ with no error (issue 16), on real process workers.
 
 - a loader with type hints defined in the user's own script (``__main__``);
 - ``client.restart()`` and then more work;
+- context tasks submitted from a task that left its thread to wait for them
+  (``worker_client``, ``secede``);
+- a context's worker plugin unregistered with Dask's own call; a context named like
+  one of dask-context's plugins; a loader that uses another context;
 - ``register(..., replace=True)`` after a load, twenty times, quiet and under CPU load;
 - a loader that kills its worker process, on every worker or on one, or outgrows its
   worker's memory limit (the nanny restarts it); restarts during loads, which are no
@@ -26,7 +30,14 @@ from distributed import Client, LocalCluster, wait
 
 import dask_context
 from dask_context import ContextSpec
-from tests.loaders import blob, kills_its_worker, outgrows_its_worker, use_context
+from tests.loaders import (
+    blob,
+    built_on,
+    fan_out,
+    kills_its_worker,
+    outgrows_its_worker,
+    use_context,
+)
 
 
 def _cluster(n: int = 2) -> LocalCluster:
@@ -123,6 +134,62 @@ def test_context_tasks_run_after_client_restart():
         assert set(report["workers"]) == set(client.scheduler_info()["workers"])
         # the router knows again what each worker can load
         assert report["contexts"]["r"]["allowed"]
+
+
+@pytest.mark.parametrize("saturation", [1.1, float("inf")])
+@pytest.mark.parametrize("how", ["worker_client", "secede"])
+def test_tasks_submitted_from_a_seceded_task_run_on_its_thread(how, saturation):
+    # one worker of one thread, busy with tasks that wait on context tasks they
+    # submitted: those run only on the thread their parent left
+    with dask.config.set({"distributed.scheduler.worker-saturation": saturation}), \
+            _cluster(1) as cluster, Client(cluster) as client:
+        dask_context.register(client, ContextSpec("s", blob, args=["s"]))
+        with dask_context.use("s"):
+            futures = client.map(fan_out, [0, 10, 20], name="s", how=how)
+        wait(futures, timeout=60)
+        assert [f.result() for f in futures] == [[0, 1], [10, 11], [20, 21]]
+        assert dask_context.report(client)["contexts"]["s"]["loads"] == 1
+
+
+def test_a_context_whose_worker_plugin_is_unregistered_by_hand_fails_its_tasks_at_once():
+    # client.unregister_worker_plugin, Dask's own call, instead of dask_context.unregister
+    with _cluster(1) as cluster, Client(cluster) as client:
+        dask_context.register(client, ContextSpec("h", blob, args=["h"], kwargs={"seconds": 0.5}))
+        with dask_context.use("h"):
+            futures = client.map(use_context, range(30), name="h", seconds=0.1)
+        client.gather(futures[:1])
+        client.unregister_worker_plugin("dask-context-h")
+        wait(futures, timeout=15)
+        failed = [f for f in futures if f.status == "error"]
+        assert failed and all(f.status in ("finished", "error") for f in futures)
+        assert all(isinstance(f.exception(), dask_context.UnknownContextError) for f in failed)
+        assert "h" not in dask_context.report(client)["contexts"]
+
+
+def test_a_context_named_like_a_plugin_of_dask_context_runs():
+    # a context's worker plugin is dask-context-<name>: no name takes another's place
+    with _cluster(1) as cluster, Client(cluster) as client:
+        dask_context.register(client, ContextSpec("preemption", blob, args=["p"]))
+        with dask_context.use("preemption"):
+            futures = client.map(use_context, range(3), name="preemption")
+        wait(futures, timeout=30)
+        assert [f.result()[1] for f in futures] == [0, 1, 2]
+
+
+def test_a_loader_that_uses_another_context_loads_it_on_its_worker():
+    # a model's loader asks for its tokenizer's context (get_context in the loader)
+    with _cluster() as cluster, Client(cluster) as client:
+        dask_context.register(
+            client, ContextSpec("tok", blob, args=["tok"]),
+            ContextSpec("model", built_on, args=["model", "tok"]),
+        )
+        with dask_context.use("model"):
+            futures = client.map(use_context, range(20), name="model", seconds=0.05)
+        wait(futures, timeout=30)
+        assert [f.result()[1] for f in futures] == list(range(20))
+        contexts = dask_context.report(client)["contexts"]
+        # the tokenizer loads where the model does, as part of its load
+        assert 1 <= contexts["model"]["loads"] == contexts["tok"]["loads"] <= 2
 
 
 def test_a_loader_that_kills_every_worker_fails_its_tasks_with_a_clear_error():
