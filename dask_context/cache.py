@@ -175,7 +175,7 @@ class ContextCache:
         self._lock = threading.RLock()
         self._load_locks: dict[str, threading.Lock] = {}
         # loads from storage under way and the bytes each is expected to take; a
-        # load whose size was never measured here runs alone (see _admit)
+        # load whose size was never measured here runs alone (see _turn)
         self._admitted = threading.Condition(self._lock)
         self._inflight: dict[str, int] = {}
         self._turns: dict[str, int] = {}
@@ -242,7 +242,7 @@ class ContextCache:
         entry = self._touch(name, key)
         if entry is not None:
             return entry.obj
-        within: list[str] = self._within.__dict__.setdefault("names", [])
+        within: list[str] = vars(self._within).setdefault("names", [])
         if name in within:
             raise ContextCycleError(
                 f"loading context {within[0]!r} asks for context {name!r}, whose load "
@@ -273,7 +273,7 @@ class ContextCache:
 
     def within_load(self) -> bool:
         """Whether the calling thread runs a loader (which may ask for other contexts)."""
-        return bool(self._within.__dict__.get("names"))
+        return bool(getattr(self._within, "names", None))
 
     def load_in_background(self, name: str) -> threading.Thread:
         """Start loading ``name`` in a daemon thread (eager contexts, warm-ups asked
