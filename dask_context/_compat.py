@@ -114,10 +114,9 @@ def user_restricted(ts: TaskState) -> bool:
     return bool(ts.worker_restrictions or ts.host_restrictions)
 
 
-def fits_resources(ts: TaskState, ws: WorkerState) -> bool:
-    """Whether ``ws`` has the resources ``ts`` asks for (``resources=``)."""
-    wanted = ts.resource_restrictions
-    return not wanted or all(ws.resources.get(r, 0) >= q for r, q in wanted.items())
+def has_resources(ws: WorkerState, request: Iterable[tuple[str, float]]) -> bool:
+    """Whether ``ws`` has every resource of ``request`` (a :func:`resource_request`)."""
+    return all(ws.resources.get(r, 0) >= q for r, q in request)
 
 
 def resource_request(ts: TaskState) -> tuple[tuple[str, float], ...]:

@@ -12,6 +12,7 @@ views of :mod:`._router_views`.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import TYPE_CHECKING
@@ -274,27 +275,15 @@ class RoutingMixin(RouterBase):
             # one while another warm worker idles
             extra = self.prefetch if any(c.waiting > len(c.allowed) for c in usable) else 0
             free = ws.nthreads + extra - _compat.threads_in_use(ws)
-            unfit = False
+            fits = functools.partial(_compat.has_resources, ws)
             while free > 0 and usable:
-                if len(usable) == 1:
-                    c = usable[0]
-                else:
-                    heads = [(t.priority, t.seq, c) for c in usable if (t := st.head(c)) is not None]
-                    if not heads:
-                        break
-                    c = min(heads)[2]
-                if (task := st.head(c)) is None:
+                heads = [(t.priority, t.seq, c) for c in usable
+                         if (t := st.head(c, fits)) is not None]
+                if not heads:
                     break
-                ts = self.scheduler.tasks[task.key]
-                if not _compat.fits_resources(ts, ws):
-                    # the head asks for resources it lacks: not marked free, it is
-                    # fed again next tick, when tasks it can run may be at the head
-                    usable.remove(c)
-                    unfit = True
-                    continue
-                st.pop_head(c)
-                placements.append((ts, address))
+                task = st.pop_head(min(heads)[2], fits)
+                placements.append((self.scheduler.tasks[task.key], address))
                 free -= 1
-            (self._free.add if free > 0 and not unfit else self._free.discard)(address)
+            (self._free.add if free > 0 else self._free.discard)(address)
         if placements:
             _compat.send(self.scheduler, placements, f"dask-context-feed-{time.time()}")

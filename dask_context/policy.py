@@ -544,18 +544,24 @@ def fit_resources(
     >>> fit([gpus, None], {"c1", "g2"})
     (['c1', 'g2'], [])
 
-    Resources no worker has: no worker is planned; the tasks wait for one that
-    has them, as Dask's own tasks do.
+    Resources no worker has: those tasks wait for a worker that has them, as Dask's
+    own tasks do, and hold back no other task; with no other task, no worker is
+    planned.
 
+    >>> fit([frozenset(), None], {"c1"})
+    (['c1'], [])
     >>> fit([frozenset()], set())
     ([], ['c1', 'g1', 'g2'])
     """
-    for fit in fitting:
+    servable = [fit for fit in fitting if fit is None or fit]
+    if not servable:
+        return frozenset(), workers
+    for fit in servable:
         if fit is not None and not fit & allowed:
             return frozenset(), workers - fit
-    if None in fitting:
+    if None in servable:
         return allowed, frozenset()
-    return allowed, workers - frozenset().union(*fitting)
+    return allowed, workers - frozenset().union(*servable)
 
 
 def load_failed_everywhere(

@@ -36,7 +36,7 @@ import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,8 +138,10 @@ class ContextRecord:
     #: the spec's estimates (``memory`` in bytes, ``load_time`` in seconds)
     memory: int | None = None
     load_time_hint: float | None = None
-    #: heap of (priority, seq, task) of the tasks waiting for a worker
-    queue: list[tuple[tuple, int, RoutedTask]] = field(default_factory=list)
+    #: heaps of (priority, seq, task) of the tasks waiting for a worker, one per
+    #: ``resources=`` request (the empty request included): a task that asks for
+    #: resources no free worker has never stands in front of tasks that ask for none
+    queues: dict[tuple, list[tuple[tuple, int, RoutedTask]]] = field(default_factory=dict)
     waiting: int = 0
     #: when its queue last became non-empty (None while empty)
     since: float | None = None
@@ -229,8 +231,8 @@ class RouterState:
         if old is not None:
             # a new spec under the same name: warm copies are of the old one and
             # the workers' plugins are being replaced; queued tasks carry over
-            ctx.queue, ctx.waiting, ctx.by_prefix, ctx.by_resources = (
-                old.queue, old.waiting, old.by_prefix, old.by_resources)
+            ctx.queues, ctx.waiting, ctx.by_prefix, ctx.by_resources = (
+                old.queues, old.waiting, old.by_prefix, old.by_resources)
         ctx.lacking = {a for a, w in self.workers.items() if w.specs.get(ctx.name) != ctx.token}
         self.contexts[ctx.name] = ctx
         self.failing.discard(ctx.name)
@@ -327,7 +329,7 @@ class RouterState:
             return
         ctx = self.contexts[task.context]
         task.seq = next(self._seq)
-        heapq.heappush(ctx.queue, (task.priority, task.seq, task))
+        heapq.heappush(ctx.queues.setdefault(task.resources, []), (task.priority, task.seq, task))
         if not ctx.waiting:
             ctx.since = time.monotonic()
             self.queued.add(ctx.name)
@@ -350,32 +352,54 @@ class RouterState:
             counts[kind] -= 1
             if not counts[kind]:
                 del counts[kind]
+        if not ctx.by_resources.get(task.resources):
+            ctx.queues.pop(task.resources, None)
         if not ctx.waiting:
-            ctx.queue.clear()
             ctx.since = None
             self.queued.discard(ctx.name)
 
-    def head(self, ctx: ContextRecord) -> RoutedTask | None:
-        """The most urgent waiting task of ``ctx`` (stale heap entries are dropped)."""
-        queue = ctx.queue
-        while queue:
-            _, seq, task = queue[0]
-            if task.seq == seq and self.tasks.get(task.key) is task:
-                return task
-            heapq.heappop(queue)
-        return None
+    def head(self, ctx: ContextRecord,
+             fits: Callable[[tuple], bool] | None = None) -> RoutedTask | None:
+        """The most urgent waiting task of ``ctx``, among those whose ``resources=``
+        request ``fits`` accepts (all, by default; a task asking for none always
+        fits). Stale heap entries are dropped on the way.
 
-    def pop_head(self, ctx: ContextRecord) -> RoutedTask | None:
-        task = self.head(ctx)
+        Examples
+        --------
+        >>> state = RouterState()
+        >>> ctx = state.add_context({"name": "A", "token": "t"})
+        >>> for key, priority, resources in [("gpu", (0,), (("GPU", 1),)), ("any", (1,), ())]:
+        ...     state.enqueue(state.route(key, "A", key, key, priority, resources))
+        >>> state.head(ctx).key, state.head(ctx, fits=lambda request: False).key
+        ('gpu', 'any')
+        """
+        best = None
+        for request, queue in ctx.queues.items():
+            if request and fits is not None and not fits(request):
+                continue
+            while queue:
+                _, seq, task = queue[0]
+                if task.seq == seq and self.tasks.get(task.key) is task:
+                    if best is None or (task.priority, seq) < (best.priority, best.seq):
+                        best = task
+                    break
+                heapq.heappop(queue)
+        return best
+
+    def pop_head(self, ctx: ContextRecord,
+                 fits: Callable[[tuple], bool] | None = None) -> RoutedTask | None:
+        """Take :meth:`head` out of the queue."""
+        task = self.head(ctx, fits)
         if task is not None:
-            heapq.heappop(ctx.queue)
+            heapq.heappop(ctx.queues[task.resources])
             self.dequeue(task)
         return task
 
     def waiting_tasks(self, ctx: ContextRecord) -> Iterator[RoutedTask]:
-        for _, seq, task in list(ctx.queue):
-            if task.seq == seq and self.tasks.get(task.key) is task:
-                yield task
+        for queue in list(ctx.queues.values()):
+            for _, seq, task in list(queue):
+                if task.seq == seq and self.tasks.get(task.key) is task:
+                    yield task
 
     def sent(self, task: RoutedTask, address: str) -> None:
         """The task is processing on ``address``."""

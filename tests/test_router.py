@@ -215,7 +215,13 @@ async def test_tasks_that_ask_for_resources_no_worker_has_wait_for_one(c, s, a):
     await dc.register(c, spec("A", seconds=0.1, load_time=0.1))
     with router_log() as records:
         with dc.use("A"):
-            futures = c.map(where, range(5), name="A", resources={"GPU": 1}, pure=False)
+            futures = c.map(where, range(5), name="A", resources={"GPU": 1}, pure=False,
+                            priority=10)
+            others = c.map(where, range(10, 20), name="A", pure=False)
+        # they hold back no task behind them that the worker can run (before, those
+        # waited behind them for the stall guard: 60 s)
+        done = await asyncio.wait_for(c.gather(others), timeout=10)
+        assert {w for _, w in done} == {a.address}
         await async_poll_for(lambda: router(s).state.contexts["A"].waiting == 5, timeout=5)
         # waiting is right here (as for Dask's own tasks): nothing may happen for
         # several times the stall guard's delay (load time + margin) while the
