@@ -240,13 +240,14 @@ def free_workers(scheduler: Scheduler) -> list[WorkerState]:
 
     Read from the scheduler's indices kept by ``check_idle_saturated`` on every
     processing and status change, so that finding them does not scan every worker
-    of a large cluster: ``idle``, and ``idle_task_count`` (workers below the
-    worker-saturation slot count, which discounts seceded tasks as ``idle`` does not:
-    a worker whose only task seceded has no occupancy left, nor is it idle).
+    of a large cluster: ``idle``, and, for workers with seceded tasks,
+    ``idle_task_count`` (workers below the worker-saturation slot count, which
+    discounts seceded tasks as ``idle`` does not: a worker whose only task seceded
+    has no occupancy left, so it is not idle).
     """
-    found = {ws.address: ws for ws in scheduler.idle.values()}
-    found.update((ws.address, ws) for ws in scheduler.idle_task_count)
-    return [ws for ws in found.values() if threads_in_use(ws) < ws.nthreads]
+    idle = scheduler.idle
+    seceded = [ws for ws in scheduler.idle_task_count if ws.long_running and ws.address not in idle]
+    return [ws for ws in (*idle.values(), *seceded) if threads_in_use(ws) < ws.nthreads]
 
 
 def threads_in_use(ws: WorkerState) -> int:

@@ -277,11 +277,16 @@ class RoutingMixin(RouterBase):
             free = ws.nthreads + extra - _compat.threads_in_use(ws)
             fits = functools.partial(_compat.has_resources, ws)
             while free > 0 and usable:
-                heads = [(t.priority, t.seq, c) for c in usable
-                         if (t := st.head(c, fits)) is not None]
-                if not heads:
+                if len(usable) == 1:
+                    c = usable[0]
+                else:
+                    heads = [(t.priority, t.seq, c) for c in usable
+                             if (t := st.head(c, fits)) is not None]
+                    if not heads:
+                        break
+                    c = min(heads)[2]
+                if (task := st.pop_head(c, fits)) is None:
                     break
-                task = st.pop_head(min(heads)[2], fits)
                 placements.append((self.scheduler.tasks[task.key], address))
                 free -= 1
             (self._free.add if free > 0 else self._free.discard)(address)
